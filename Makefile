@@ -1,0 +1,35 @@
+# Every target bootstraps .venv itself, so `make pretrain` / `make test` work on a fresh machine.
+# GPU clusters: override TORCH_SPEC with their own build, e.g. make setup TORCH_SPEC="torch==2.13.0 --index-url ..."
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXPERIMENT ?= tiny_cpu
+ARGS       ?=
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup pretrain test bench clean
+
+setup: $(STAMP)
+
+# torch goes in first and alone: a later range that torch already satisfies then installs nothing,
+# instead of pulling a newer build with gigabytes of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[fast,test]"
+	touch $(STAMP)
+
+pretrain: $(STAMP)
+	$(BIN)/pipeline run experiment=$(EXPERIMENT) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/tokenize.py $(ARGS)
+
+clean:
+	rm -rf runs outputs .pytest_cache
