@@ -1,0 +1,118 @@
+"""`pipeline run | status | preprocess`. Overrides are Hydra's: `pipeline run data.mix.weights.code=0.2`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from pipeline.config import ConfigError
+from pipeline.data.sources import DataError
+from pipeline.runner import Runner, StageError
+
+log = logging.getLogger("pipeline")
+
+
+def _stages(value: Optional[str]) -> List[str]:
+    return [s for s in (value or "").split(",") if s]
+
+
+def _runner(args) -> Runner:
+    from pipeline.config import compose
+    from pipeline.stages import STAGES
+
+    cfg = compose(args.overrides, Path(args.config_dir) if args.config_dir else None)
+    return Runner(cfg, STAGES)
+
+
+def cmd_run(args) -> int:
+    runner = _runner(args)
+    only = _stages(args.only)
+    force = _stages(args.force) if args.force != "*" else (only or list(runner.stages))
+    if args.dry_run or args.explain:
+        for item in runner.plan(only, force):
+            print(f"{item.stage.name:<10} {item.action:<5} {item.fingerprint[:12]}")
+            if args.explain:
+                for reason in item.reasons or ["up to date: same fingerprint, outputs present"]:
+                    print(f"    {reason}")
+        return 0
+    runner.run(only, force)
+    log.info("run dir: %s", runner.run_dir)
+    return 0
+
+
+def cmd_status(args) -> int:
+    rows = _runner(args).status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'stage':<10} {'status':<8} {'fingerprint':<13} {'size':>10} {'seconds':>8}  finished")
+    for r in rows:
+        finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["finished"])) if r["finished"] else "-"
+        size = f"{r['bytes'] / 1e6:.1f} MB" if r["bytes"] else "-"
+        print(f"{r['stage']:<10} {r['status']:<8} {r['fingerprint'][:12]:<13} {size:>10} "
+              f"{r['seconds'] if r['seconds'] is not None else '-':>8}  {finished}")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from pipeline.data.preprocess import preprocess
+
+    preprocess(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_overrides(p):
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=tiny_cpu data.tokenize.workers=4")
+        p.add_argument("--config-dir", help="config tree to compose from (default: the project's configs/)")
+
+    run = sub.add_parser("run", help="run the stages that are not done")
+    with_overrides(run)
+    run.add_argument("--only", help="run only these stages (comma separated); their upstream must be done")
+    run.add_argument("--force", nargs="?", const="*", default="",
+                     help="rerun these stages (comma separated) even if done; alone: the --only stages, or all")
+    run.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    run.add_argument("--explain", action="store_true", help="print why each stage would run or be skipped")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="which stages are done, their fingerprints, sizes, times")
+    with_overrides(status)
+    status.add_argument("--json", action="store_true", help="machine-readable: status, fingerprint, outputs")
+    status.set_defaults(func=cmd_status)
+
+    pre = sub.add_parser("preprocess", help="drop-in for Megatron-LM tools/preprocess_data.py with an HF tokenizer")
+    from pipeline.data.preprocess import add_arguments
+
+    add_arguments(pre)
+    pre.set_defaults(func=cmd_preprocess)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, StageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # Hydra's composition errors carry the key in their cause chain
+        if type(e).__module__.startswith(("hydra", "omegaconf")):
+            chain, cause = [str(e)], e.__cause__
+            while cause is not None:
+                chain.append(str(cause))
+                cause = cause.__cause__
+            print("error: " + "\n  ".join(chain), file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

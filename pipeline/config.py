@@ -1,0 +1,240 @@
+"""The structured config schema and how a config is composed.
+
+Every group under `configs/` merges into these dataclasses, so a misspelt key or a wrong type is an
+OmegaConf error that names the full key (`data.sources.web.text_feld`), raised before any stage runs.
+Cross-field rules (weights name existing sources, a budget stop needs a budget, ...) live in
+`validate()`, each error naming its key.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to do."""
+
+
+class BadRecordPolicy(str, enum.Enum):
+    error = "error"  # stop with file:line and the reason
+    skip = "skip"  # drop it, count it in the report
+    quarantine = "quarantine"  # drop it, write it to <source>.rejects.jsonl
+
+
+class TextUnit(str, enum.Enum):
+    file = "file"
+    line = "line"
+    paragraph = "paragraph"
+
+
+class Engine(str, enum.Enum):
+    auto = "auto"
+    hf = "hf"
+    fastokens = "fastokens"
+    gigatoken = "gigatoken"
+
+
+class MixBy(str, enum.Enum):
+    tokens = "tokens"
+    documents = "documents"
+
+
+class Stopping(str, enum.Enum):
+    first_exhausted = "first_exhausted"
+    all_exhausted = "all_exhausted"
+    budget = "budget"
+
+
+@dataclass
+class SourceConfig:
+    """One text source: local files (jsonl, jsonl.gz, json, parquet, txt; globs allowed) or an HF dataset."""
+
+    path: str = MISSING  # file, glob, directory, or `hf://<dataset name>` for a streamed HF dataset
+    text_field: str = "text"  # the record field holding the document text (jsonl/json/parquet/hf)
+    format: Optional[str] = None  # jsonl|json|parquet|txt; None = from the file suffix
+    text_unit: TextUnit = TextUnit.file  # txt files only: one document per file, line or blank-line paragraph
+    hf_name: Optional[str] = None  # HF dataset config name (`load_dataset(path, name)`)
+    hf_split: str = "train"
+    hf_revision: Optional[str] = None  # pin a dataset revision so reruns see the same data
+    hf_data_files: Optional[List[str]] = None
+    max_tokens: Optional[int] = None  # token budget: stop this source after this many tokens (EOD included)
+    on_bad_record: BadRecordPolicy = BadRecordPolicy.error
+
+
+@dataclass
+class TokenizeConfig:
+    workers: int = 2  # worker processes; output bytes do not depend on it
+    engine: Engine = Engine.auto  # auto = fastest engine verified to give HF's ids on this input
+    shard_bytes: int = 64 * 1024 * 1024  # input bytes per shard (the unit of parallelism and resume)
+    batch_docs: int = 512  # documents per encode call
+    append_eod: bool = True  # EOD after every document (Megatron's --append-eod)
+    add_special_tokens: bool = True  # as HF `tokenizer(text)` and Megatron's preprocess_data.py do
+    split_chars: int = 1_000_000  # documents longer than this are encoded in pieces cut at line starts
+    verify_docs: int = 256  # documents per source used to verify a fast engine against HF
+
+
+@dataclass
+class MixConfig:
+    weights: Dict[str, float] = field(default_factory=dict)  # source name -> target share (normalised)
+    by: MixBy = MixBy.tokens  # tokens = deficit rule (token-exact); documents = HF interleave_datasets
+    stopping: Stopping = Stopping.first_exhausted
+    total_tokens: Optional[int] = None  # the budget for stopping=budget (train + valid)
+    valid_fraction: float = 0.01  # share of the mixed tokens held out for validation
+    valid_tokens: Optional[int] = None  # exact validation size in tokens; overrides valid_fraction
+    seed: int = 42  # drives `by: documents` sampling
+
+
+@dataclass
+class DataConfig:
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    """Either `pretrained` (local dir or hub name) or a byte-level BPE trained on a sample of the sources."""
+
+    pretrained: Optional[str] = None
+    trust_remote_code: bool = False
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    eod_token: str = "<|endoftext|>"  # end-of-document token, always in the vocabulary
+    special_tokens: List[str] = field(default_factory=list)  # extra special tokens, after the EOD token
+    sample_docs_per_source: int = 2000  # BPE training sample: first N documents of each source
+    sample_bytes_per_source: int = 8 * 1024 * 1024  # ... and at most this many bytes of each
+
+
+@dataclass
+class ModelConfig:
+    """Model shape; read by the training stages (later issues). `tiny_llama` is the CPU debug flavour."""
+
+    family: str = "llama"
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; the train stage arrives with the training-backend issues."""
+
+    backend: str = "hf"
+    seq_len: int = 4096
+    init: Optional[str] = None  # HF checkpoint for continued pretraining; None = from scratch
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    nnodes: int = 1
+    nproc_per_node: int = 1
+
+
+@dataclass
+class Config:
+    name: str = MISSING  # experiment name; the default run dir is runs/<name>
+    run_dir: Optional[str] = None  # where stages write; None = runs/<name> under the current directory
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+    # `${root:}` is the project checkout, so the shipped sample corpus resolves from any directory.
+    OmegaConf.register_new_resolver("root", lambda: str(CONFIG_DIR.parent), replace=True)
+
+
+def compose(overrides: List[str] = (), config_dir: Optional[Path] = None) -> DictConfig:
+    """Hydra composition of configs/config.yaml with command-line overrides, validated."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    _register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def load_saved(path: Path) -> DictConfig:
+    """A resolved config saved in a run dir, re-checked against the schema."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field rules the types cannot express. Each error names its key."""
+    for key in OmegaConf.missing_keys(cfg):
+        if not key.startswith(("model.",)):  # model shape is only needed by training stages
+            raise ConfigError(f"{key}: required but not set (give it in the config or as {key}=...)")
+    data = cfg.data
+    _require(len(data.sources) > 0, "data.sources", "no sources configured")
+    for name, src in data.sources.items():
+        key = f"data.sources.{name}"
+        _require(bool(src.path), f"{key}.path", "empty path")
+        _require(src.format in (None, "jsonl", "json", "parquet", "txt"), f"{key}.format",
+                 f"'{src.format}' is not one of jsonl, json, parquet, txt (or leave it unset)")
+        _require(src.max_tokens is None or src.max_tokens > 0, f"{key}.max_tokens", "must be > 0")
+    tok = data.tokenize
+    _require(tok.workers >= 1, "data.tokenize.workers", f"must be >= 1, got {tok.workers}")
+    _require(tok.shard_bytes >= 4096, "data.tokenize.shard_bytes", f"must be >= 4096, got {tok.shard_bytes}")
+    _require(tok.batch_docs >= 1, "data.tokenize.batch_docs", "must be >= 1")
+    _require(tok.split_chars >= 1024, "data.tokenize.split_chars", "must be >= 1024")
+    mix = data.mix
+    unknown = sorted(set(mix.weights) - set(data.sources))
+    _require(not unknown, "data.mix.weights",
+             f"weights for unknown sources {unknown}; configured sources: {sorted(data.sources)}")
+    missing = sorted(set(data.sources) - set(mix.weights))
+    _require(not missing, "data.mix.weights",
+             f"no weight for sources {missing}: give each a weight (0 excludes it from the mix)")
+    for name, w in mix.weights.items():
+        _require(w >= 0, f"data.mix.weights.{name}", f"must be >= 0, got {w}")
+    _require(sum(mix.weights.values()) > 0, "data.mix.weights", "all weights are zero")
+    _require(0 <= mix.valid_fraction < 1, "data.mix.valid_fraction", f"must be in [0, 1), got {mix.valid_fraction}")
+    _require(mix.valid_tokens is None or mix.valid_tokens >= 0, "data.mix.valid_tokens", "must be >= 0")
+    if mix.stopping == Stopping.budget:
+        _require(mix.total_tokens is not None and mix.total_tokens > 0, "data.mix.total_tokens",
+                 "stopping=budget needs a positive total token budget (data.mix.total_tokens=...)")
+    t = cfg.tokenizer
+    if t.pretrained is None:
+        _require(t.vocab_size >= 256 + 1 + len(t.special_tokens), "tokenizer.vocab_size",
+                 f"a byte-level BPE needs at least 256 byte tokens plus the special tokens, got {t.vocab_size}")
+    _require(bool(t.eod_token), "tokenizer.eod_token", "an end-of-document token is required")
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
+
+
+def subtree(cfg: DictConfig, key: str) -> Any:
+    """Plain (JSON-able) value at a dotted key; enums become their string values."""
+    node = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if isinstance(node, DictConfig) or OmegaConf.is_list(node):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node.value if isinstance(node, enum.Enum) else node

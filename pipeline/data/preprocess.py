@@ -1,0 +1,94 @@
+"""`pipeline preprocess`: a drop-in for Megatron-LM's `tools/preprocess_data.py` with an HF tokenizer.
+
+Same arguments (`--input --output-prefix --json-keys --append-eod --workers`, and Megatron's
+`--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR` spelling), same output names
+(`<prefix>_<key>_document.bin/.idx`), same ids, document boundaries and dtype; it runs on the tokenize
+stage's machinery, so it is parallel, resumable after a kill (shards kept in `<prefix>.scratch/`),
+and publishes the .bin/.idx only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+from pipeline.config import TokenizeConfig
+from pipeline.data.sources import DataError
+from pipeline.data.tokenize import tokenize_sources
+from pipeline.runner import canonical_json, input_identity, sha256_file
+
+log = logging.getLogger("pipeline")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="jsonl / jsonl.gz / json / parquet / txt file, directory or glob")
+    p.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx")
+    p.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
+                   help="HF tokenizer directory (or hub name)")
+    p.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
+                   help="accepted for Megatron compatibility; only HuggingFaceTokenizer is supported")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="fields to tokenize, one output per key")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--append-eod", action="store_true", help="EOD token after every document")
+    p.add_argument("--engine", default="auto", choices=["auto", "hf", "fastokens", "gigatoken"])
+    p.add_argument("--on-bad-record", default="error", choices=["error", "skip", "quarantine"])
+    p.add_argument("--shard-bytes", type=int, default=TokenizeConfig.shard_bytes)
+    p.add_argument("--split-sentences", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--partitions", type=int, default=1, help="accepted and ignored: sharding is automatic")
+    p.add_argument("--log-interval", type=int, default=0, help="accepted and ignored")
+    p.add_argument("--keep-newlines", action="store_true", help="accepted and ignored (sentence splitting only)")
+
+
+def preprocess(args: argparse.Namespace) -> None:
+    if args.split_sentences:
+        raise DataError("--split-sentences is not supported: documents are tokenized whole (as without the flag)")
+    if args.tokenizer_type != "HuggingFaceTokenizer":
+        raise DataError(f"--tokenizer-type {args.tokenizer_type}: only HuggingFaceTokenizer is supported")
+    prefix = Path(args.output_prefix)
+    scratch = Path(f"{prefix}.scratch")
+    tokenizer_dir = _tokenizer_dir(args.tokenizer, scratch)
+    opts = TokenizeConfig(workers=args.workers, engine=args.engine, shard_bytes=args.shard_bytes,
+                          append_eod=args.append_eod)
+    sources = {key: SimpleNamespace(path=args.input, text_field=key, format=None, text_unit="file",
+                                    hf_name=None, hf_split="train", hf_revision=None, hf_data_files=None,
+                                    max_tokens=None, on_bad_record=args.on_bad_record)
+               for key in args.json_keys}
+    # Shards left by an interrupted run are reused only if input, tokenizer and options are the same.
+    key = hashlib.sha256(canonical_json({
+        "inputs": {str(p): input_identity(p) for p in sorted(Path(".").glob(args.input)) if p.is_file()}
+        if not Path(args.input).is_file() else {args.input: input_identity(Path(args.input))},
+        "tokenizer": sha256_file(tokenizer_dir / "tokenizer.json"),
+        "opts": {**vars(opts), "engine": str(args.engine)}, "keys": args.json_keys,
+        "policy": args.on_bad_record}).encode()).hexdigest()
+    key_file = scratch / "KEY"
+    if scratch.exists() and (not key_file.is_file() or key_file.read_text() != key):
+        shutil.rmtree(scratch)
+    (scratch / "shards").mkdir(parents=True, exist_ok=True)
+    key_file.write_text(key)
+    prefixes = {k: Path(f"{prefix}_{k}_document") for k in args.json_keys}
+    metrics = tokenize_sources(sources, tokenizer_dir, prefixes, scratch / "shards", opts)
+    shutil.rmtree(scratch)
+    for k, m in metrics["sources"].items():
+        log.info("%s: %d documents, %d tokens (%s), skipped %s", prefixes[k], m["documents"], m["tokens"],
+                 metrics["dtype"], m["skipped"] or "none")
+    log.info("engine %s, %.1fs, %s tokens/s", metrics["engine"], metrics["seconds"], f"{metrics['tokens_per_second']:,}")
+    Path(f"{prefix}.preprocess.json").write_text(json.dumps(metrics, indent=2))
+
+
+def _tokenizer_dir(name: str, scratch: Path) -> Path:
+    path = Path(name)
+    if (path / "tokenizer.json").is_file():
+        return path
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--tokenizer {name}: not a directory with tokenizer.json, and cannot be loaded: {e}") from None
+    out = scratch / "tokenizer"
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,346 @@
+"""The `tokenize` stage (and `pipeline preprocess`): sources -> one Megatron .bin/.idx per source.
+
+Each source is cut into shards (pipeline/data/sources.py) that depend only on the input and
+`shard_bytes`. Worker processes encode shards into `<scratch>/<source>/<shard>.bin` + `.len`, then
+write the shard's marker `<shard>.json` last; a rerun after a kill redoes only shards without a
+marker. The merge concatenates shard bytes in shard order, so the output is the same bytes for any
+worker count and any crash/resume history. A source's token budget keeps whole documents, in order,
+while the running total stays within it.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from pipeline.data import encoders
+from pipeline.data.indexed import IndexedWriter, token_dtype
+from pipeline.data.sources import DataError, RecordSink, RecordStats, Shard, local_files, plan_shards, read_shard
+from pipeline.data.tokenizer import TOKENIZER_FILE, tokenizer_info
+from pipeline.runner import StageContext, write_json_atomic
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class Job:
+    """Everything a worker needs for one shard; plain data so it pickles to a spawned process."""
+
+    shard: Shard
+    source: SimpleNamespace
+    tokenizer_json: str
+    engine: str
+    add_special_tokens: bool
+    append_eod: bool
+    eod_id: int
+    vocab_len: int
+    dtype: str
+    batch_docs: int
+    split_chars: int
+    split_exact: bool
+    out_stem: str  # <scratch>/<source>/<shard index>: .bin, .len, .json (marker), .rejects.jsonl
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_ENCODERS: Dict[Tuple[str, str, bool], Any] = {}
+
+
+def _encoder(job: Job):
+    key = (job.tokenizer_json, job.engine, job.add_special_tokens)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = encoders.make_encoder(job.engine, Path(job.tokenizer_json), job.add_special_tokens)
+    return _ENCODERS[key]
+
+
+def _batches(texts: Iterator[str], batch_docs: int, split_chars: int) -> Iterator[Tuple[List[str], List[int]]]:
+    """Batches of encode inputs plus, per document, how many pieces it was cut into (1 unless huge)."""
+    batch: List[str] = []
+    counts: List[int] = []
+    chars = 0
+    for text in texts:
+        parts = [text] if len(text) <= split_chars else encoders.pieces(text, split_chars)
+        batch.extend(parts)
+        counts.append(len(parts))
+        chars += len(text)
+        if len(counts) >= batch_docs or chars >= 8 * split_chars:
+            yield batch, counts
+            batch, counts, chars = [], [], 0
+    if counts:
+        yield batch, counts
+
+
+def encode_shard(job: Job) -> Dict[str, Any]:
+    """Encode one shard to its scratch files; the marker (.json) is written last."""
+    stem = Path(job.out_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    encoder = _encoder(job)
+    dtype = np.dtype(job.dtype)
+    stats = RecordStats()
+    rejects_path = Path(f"{stem}.rejects.jsonl")
+    policy = getattr(job.source.on_bad_record, "value", job.source.on_bad_record)
+    t0 = time.perf_counter()
+    tokens = 0
+    hard_splits = 0
+    with open(f"{stem}.bin.tmp", "wb") as fbin, open(f"{stem}.len.tmp", "wb") as flen, \
+            open(rejects_path, "w") if policy == "quarantine" else _null() as rejects:
+        sink = RecordSink(job.shard.source, policy, stats, rejects)
+        for texts, counts in _batches(read_shard(job.shard, job.source, sink), job.batch_docs, job.split_chars):
+            ids, lengths = encoder.encode(texts)
+            if len(counts) != len(texts):  # fold the pieces of split documents back into one document each
+                doc_of_piece = np.repeat(np.arange(len(counts)), counts)
+                lengths = np.bincount(doc_of_piece, weights=lengths, minlength=len(counts)).astype(np.int64)
+                hard_splits += sum(1 for t in texts if t and not t.endswith("\n")) - len(counts)
+            if ids.size and (int(ids.max()) >= job.vocab_len or int(ids.min()) < 0):
+                raise DataError(f"{job.shard.path}: token id {int(ids.max())} is outside the tokenizer's "
+                                f"{job.vocab_len} entries; the tokenizer files are inconsistent")
+            if job.append_eod:  # one EOD after each document, in a single vectorised insert
+                ids = np.insert(ids, np.cumsum(lengths), job.eod_id)
+                lengths = lengths + 1
+            fbin.write(ids.astype(dtype, copy=False).tobytes())
+            flen.write(lengths.astype(np.int32).tobytes())
+            tokens += int(lengths.sum())
+    os.replace(f"{stem}.bin.tmp", f"{stem}.bin")
+    os.replace(f"{stem}.len.tmp", f"{stem}.len")
+    marker = {"shard": job.shard.key(), "documents": stats.documents, "tokens": tokens, "chars": stats.chars,
+              "skipped": stats.skipped, "blank_lines": stats.blank_lines, "hard_splits": max(hard_splits, 0),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    write_json_atomic(Path(f"{stem}.json"), marker)
+    return marker
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _worker_init() -> None:
+    # Each worker is one core's worth of encoding; no nested thread pools fighting for the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+
+
+# ----------------------------------------------------------------------------- driver side
+
+def _marker(job: Job) -> Optional[Dict[str, Any]]:
+    path = Path(f"{job.out_stem}.json")
+    try:
+        marker = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return marker if marker.get("shard") == job.shard.key() else None
+
+
+class Progress:
+    """tqdm on a terminal, a log line every 10 s otherwise."""
+
+    def __init__(self, total: int, desc: str):
+        self.start, self.last, self.docs, self.tokens = time.time(), 0.0, 0, 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="shard")
+        self.total, self.done, self.desc = total, 0, desc
+
+    def update(self, marker: Dict[str, Any]) -> None:
+        self.done += 1
+        self.docs += marker["documents"]
+        self.tokens += marker["tokens"]
+        elapsed = max(time.time() - self.start, 1e-9)
+        rates = f"{self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tokens/s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(rates, refresh=False)
+            self.bar.update(1)
+        elif time.time() - self.last >= 10 or self.done == self.total:
+            self.last = time.time()
+            log.info("%s: %d/%d shards, %s", self.desc, self.done, self.total, rates)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_jobs(jobs_by_source: Dict[str, List[Job]], budgets: Dict[str, Optional[int]],
+              workers: int) -> Dict[str, List[Dict[str, Any]]]:
+    """Run shard jobs in order on `workers` processes; markers per source in shard order.
+
+    A source with a token budget stops getting new shards once its finished prefix covers the budget,
+    so a 10B-token budget over a 1T-token source tokenizes about 10B tokens, not 1T."""
+    done: Dict[str, Dict[int, Dict[str, Any]]] = {s: {} for s in jobs_by_source}
+    queue = [job for jobs in jobs_by_source.values() for job in jobs]
+    total = len(queue)
+    progress = Progress(total, "tokenize")
+
+    def covered(source: str) -> bool:
+        budget = budgets.get(source)
+        if budget is None:
+            return False
+        tokens = 0
+        for i in range(len(jobs_by_source[source])):
+            if i not in done[source]:
+                return False
+            tokens += done[source][i]["tokens"]
+            if tokens >= budget:
+                return True
+        return False
+
+    def finished(job: Job, marker: Dict[str, Any]) -> None:
+        done[job.shard.source][job.shard.index] = marker
+        progress.update(marker)
+
+    pending: List[Job] = []
+    for job in queue:  # shards finished before a crash are reused as they are
+        marker = _marker(job)
+        if marker is not None:
+            finished(job, marker)
+        else:
+            pending.append(job)
+    try:
+        if workers == 1:
+            for job in pending:
+                if not covered(job.shard.source):
+                    finished(job, encode_shard(job))
+        else:
+            ctx = mp.get_context("spawn")  # fork would copy a tokenizer's thread pool into a broken child
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+                in_flight: Dict[cf.Future, Job] = {}
+                it = iter(pending)
+                while True:
+                    while len(in_flight) < 2 * workers:
+                        job = next(it, None)
+                        if job is None:
+                            break
+                        if not covered(job.shard.source):
+                            in_flight[pool.submit(encode_shard, job)] = job
+                    if not in_flight:
+                        break
+                    ready, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                    for fut in ready:
+                        job = in_flight.pop(fut)
+                        try:
+                            finished(job, fut.result())
+                        except Exception:
+                            for other in in_flight:
+                                other.cancel()
+                            raise
+    finally:
+        progress.close()
+    return {s: [done[s][i] for i in sorted(done[s])] for s in jobs_by_source}
+
+
+def _merge(source: str, jobs: List[Job], markers: List[Dict[str, Any]], prefix: Path, dtype: np.dtype,
+           budget: Optional[int]) -> Dict[str, Any]:
+    """Concatenate shard files in shard order into prefix.bin/.idx, cutting at the token budget."""
+    writer = IndexedWriter(prefix, dtype)
+    rejects = Path(f"{prefix}.rejects.jsonl")
+    skipped: Dict[str, int] = {}
+    try:
+        with open(rejects, "w") as rej_out:
+            for job, marker in zip(jobs, markers):
+                lengths = np.fromfile(f"{job.out_stem}.len", dtype=np.int32)
+                if budget is not None:
+                    room = budget - writer.tokens
+                    keep = int(np.searchsorted(np.cumsum(lengths, dtype=np.int64), room, side="right"))
+                    lengths = lengths[:keep]
+                writer.add_raw(Path(f"{job.out_stem}.bin"), lengths)
+                for kind, n in marker["skipped"].items():
+                    skipped[kind] = skipped.get(kind, 0) + n
+                rej = Path(f"{job.out_stem}.rejects.jsonl")
+                if rej.is_file():
+                    rej_out.write(rej.read_text())
+                if budget is not None and len(lengths) < marker["documents"]:
+                    break
+        documents, tokens = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    if rejects.stat().st_size == 0:
+        rejects.unlink()
+    return {"documents": documents, "tokens": tokens, "skipped": skipped,
+            "shards": len(markers), "hard_splits": sum(m["hard_splits"] for m in markers),
+            "blank_lines": sum(m["blank_lines"] for m in markers)}
+
+
+def tokenize_sources(sources: Dict[str, Any], tokenizer_dir: Path, prefixes: Dict[str, Path], scratch: Path,
+                     opts: Any) -> Dict[str, Any]:
+    """Tokenize each source into prefixes[source].bin/.idx. `opts` is a TokenizeConfig (or look-alike)."""
+    info = tokenizer_info(tokenizer_dir)
+    dtype = token_dtype(info["vocab_len"])
+    tokenizer_json = tokenizer_dir / TOKENIZER_FILE
+    plain = {name: _plain(src) for name, src in sources.items()}
+    shards = {name: plan_shards(name, src, opts.shard_bytes) for name, src in plain.items()}
+    sample = _verification_sample(shards, plain, opts.verify_docs)
+    engine_name = getattr(opts.engine, "value", opts.engine)
+    engine, verification = encoders.choose_engine(engine_name, tokenizer_json, opts.add_special_tokens, sample)
+    split_exact = encoders.splitting_is_exact(encoders.make_encoder("hf", tokenizer_json, False), sample)
+    log.info("tokenize: engine=%s, dtype=%s, %d shards, %d workers", engine, dtype.name,
+             sum(map(len, shards.values())), opts.workers)
+    jobs = {
+        name: [Job(shard, plain[name], str(tokenizer_json), engine, opts.add_special_tokens, opts.append_eod,
+                   info["eod_id"], info["vocab_len"], dtype.name, opts.batch_docs,
+                   opts.split_chars if split_exact else sys.maxsize, split_exact,
+                   str(scratch / name / f"{shard.index:06d}"))
+               for shard in src_shards]
+        for name, src_shards in shards.items()
+    }
+    budgets = {name: src.max_tokens for name, src in plain.items()}
+    t0 = time.perf_counter()
+    markers = _run_jobs(jobs, budgets, opts.workers)
+    per_source = {name: _merge(name, jobs[name], markers[name], prefixes[name], dtype, budgets[name])
+                  for name in sources}
+    seconds = time.perf_counter() - t0
+    tokens = sum(s["tokens"] for s in per_source.values())
+    return {"engine": engine, "engine_check": verification, "dtype": dtype.name, "eod_id": info["eod_id"],
+            "vocab_len": info["vocab_len"], "split_long_documents": split_exact, "sources": per_source,
+            "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / max(seconds, 1e-9))}
+
+
+def _plain(src: Any) -> SimpleNamespace:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(src):
+        src = OmegaConf.to_container(src, resolve=True, enum_to_str=True)
+    return SimpleNamespace(**src) if isinstance(src, dict) else src
+
+
+def _verification_sample(shards: Dict[str, List[Shard]], sources: Dict[str, Any], per_source: int) -> List[str]:
+    """The first documents of each source (bad records skipped here; the workers apply the policy)."""
+    sample: List[str] = []
+    for name, src_shards in shards.items():
+        sink = RecordSink(name, "skip", RecordStats())
+        taken = 0
+        for shard in src_shards:
+            for text in read_shard(shard, sources[name], sink):
+                sample.append(text[:100_000])
+                taken += 1
+                if taken >= per_source:
+                    break
+            if taken >= per_source:
+                break
+    return sample
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run(ctx: StageContext) -> Dict[str, Any]:
+    sources = ctx.cfg.data.sources
+    prefixes = {name: ctx.work_dir / name for name in sources}
+    return tokenize_sources(sources, ctx.inputs["tokenizer"], prefixes, ctx.scratch, ctx.cfg.data.tokenize)
+
+
+def external_inputs(cfg) -> List[str]:
+    return [f for name, src in cfg.data.sources.items() for f in local_files(src, f"data.sources.{name}")]

@@ -1,0 +1,391 @@
+"""The stage runner: fingerprints, manifests, skip/resume, one writer per run dir.
+
+A stage is a name, its upstream stages, the config keys it reads and a `run(ctx)`. Its identity
+(fingerprint) is the sha256 of: those keys' resolved values, the upstream fingerprints, the stage's
+code version, and the content of any input outside the run dir. The fingerprint is computed from the
+config alone, so the whole plan is known before anything runs.
+
+On disk, under the run dir:
+    <stage>/             published output; MANIFEST.json inside, written last (tmp + rename)
+    <stage>.partial/     work in progress; never read downstream. Resumed when its .fingerprint
+                         matches and the stage is resumable, cleared otherwise
+    .lock                {pid, host} of the one process writing this run dir
+    config.yaml          the fully resolved config of the last run
+An earlier output stays in place, untouched, until its replacement is complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import run_dir_of, subtree
+
+log = logging.getLogger("pipeline")
+
+MANIFEST = "MANIFEST.json"
+SCRATCH = "_scratch"  # inside a work dir: resumable state the stage keeps, dropped before publishing
+HASH_LIMIT = 64 * 1024 * 1024  # files above this are identified by size+mtime (inputs) or size (outputs)
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or failed; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: Tuple[str, ...]  # upstream stages whose published outputs this one reads
+    reads: Tuple[str, ...]  # config keys (dotted) this stage sees; nothing else is visible to it
+    run: Callable[["StageContext"], Dict[str, Any]]  # does the work, returns metrics for the manifest
+    version: str = "1"  # bump when a code change changes the output for the same config
+    ignores: Tuple[str, ...] = ()  # keys under `reads` that change how it runs, not what it writes
+    external_inputs: Optional[Callable[[DictConfig], List[str]]] = None  # files outside the run dir
+    resumable: bool = False  # a partial work dir with the same fingerprint is kept for run() to resume
+
+
+@dataclass
+class StageContext:
+    cfg: DictConfig  # only the keys the stage declared in `reads`
+    work_dir: Path  # write outputs here (it becomes <run_dir>/<stage> when run() returns)
+    inputs: Dict[str, Path]  # upstream stage name -> its published directory
+    run_dir: Path
+
+    @property
+    def scratch(self) -> Path:
+        path = self.work_dir / SCRATCH
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+# ----------------------------------------------------------------------------- hashing helpers
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_identity(path: Path) -> Dict[str, Any]:
+    """Content hash of an input file, or size+mtime when it is too large to hash on every run."""
+    st = path.stat()
+    if st.st_size > HASH_LIMIT:
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "how": "size+mtime (file over 64 MiB)"}
+    return {"sha256": sha256_file(path)}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def flatten(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: Dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def package_versions() -> Dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in ("pipeline", "numpy", "tokenizers", "transformers", "datasets", "torch", "megatron-core",
+                 "fastokens", "gigatoken"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------- the lock
+
+class RunLock:
+    """One writer per run dir. A lock left by a dead process on this host is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_json(self.path) or {}
+                if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+                    log.warning("taking over stale lock %s from dead pid %s", self.path, holder.get("pid"))
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise StageError(
+                    f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')}; "
+                    f"wait for it, or delete {self.path} if that process is gone")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise StageError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- planning
+
+@dataclass
+class PlanItem:
+    stage: Stage
+    fingerprint: str
+    parts: Dict[str, Any]  # what the fingerprint hashes, kept in the manifest for --explain
+    action: str = "skip"  # skip | run
+    reasons: List[str] = field(default_factory=list)
+
+
+class Runner:
+    def __init__(self, cfg: DictConfig, stages: Sequence[Stage]):
+        self.cfg = cfg
+        self.stages = {s.name: s for s in stages}
+        self.order = [s.name for s in stages]  # stages are listed upstream first
+        self.run_dir = run_dir_of(cfg).resolve()
+        for s in stages:
+            for up in s.needs:
+                if self.order.index(up) > self.order.index(s.name):
+                    raise StageError(f"stage {s.name} is listed before its upstream {up}")
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def fingerprint(self, stage: Stage, upstream: Dict[str, str]) -> Tuple[str, Dict[str, Any]]:
+        config = {key: subtree(self.cfg, key) for key in stage.reads}
+        for key in stage.ignores:  # e.g. data.tokenize.workers: output bytes do not depend on it
+            read = next(r for r in stage.reads if key.startswith(r + "."))
+            *parents, leaf = key[len(read) + 1:].split(".")
+            node = config[read]
+            for p in parents:
+                node = node[p]
+            node.pop(leaf, None)
+        inputs = {}
+        if stage.external_inputs:
+            for p in stage.external_inputs(self.cfg):
+                inputs[p] = input_identity(Path(p))
+        parts = {"code": stage.version, "config": config,
+                 "upstream": {u: upstream[u] for u in stage.needs}, "inputs": inputs}
+        return hashlib.sha256(canonical_json(parts).encode()).hexdigest(), parts
+
+    def manifest(self, name: str) -> Optional[Dict[str, Any]]:
+        return read_json(self.stage_dir(name) / MANIFEST)
+
+    def missing_outputs(self, name: str, manifest: Dict[str, Any]) -> List[str]:
+        missing = []
+        for rel, ident in manifest.get("outputs", {}).items():
+            path = self.stage_dir(name) / rel
+            if not path.is_file() or path.stat().st_size != ident["size"]:
+                missing.append(rel)
+        return missing
+
+    def plan(self, only: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> List[PlanItem]:
+        for name in list(only or []) + list(force):
+            if name not in self.stages:
+                raise StageError(f"unknown stage '{name}'; stages are: {', '.join(self.order)}")
+        fps: Dict[str, str] = {}
+        items: Dict[str, PlanItem] = {}
+        for name in self.order:
+            stage = self.stages[name]
+            fp, parts = self.fingerprint(stage, fps)
+            fps[name] = fp
+            item = PlanItem(stage, fp, parts)
+            items[name] = item
+            man = self.manifest(name)
+            if name in force:
+                item.reasons.append("forced (--force)")
+            if man is None:
+                item.reasons.append("never completed (no MANIFEST.json)")
+            elif man.get("fingerprint") != fp:
+                item.reasons.extend(explain_change(man.get("fingerprint_parts", {}), parts))
+            elif missing := self.missing_outputs(name, man):
+                item.reasons.append(f"outputs missing or changed size: {', '.join(missing[:5])}")
+            if item.reasons:
+                item.action = "run"
+        selected = list(only) if only else self.order
+        for name in self.order:
+            if name not in selected:
+                items[name].action = "skip"
+                items[name].reasons = ["not selected (--only)"] + items[name].reasons
+        return [items[n] for n in self.order]
+
+    # ------------------------------------------------------------------------- running
+
+    def run(self, only: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> List[PlanItem]:
+        with RunLock(self.run_dir):
+            plan = self.plan(only, force)
+            OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
+            for item in plan:
+                name = item.stage.name
+                if item.action == "skip":
+                    log.info("[%s] skip: %s", name, "done" if not item.reasons else item.reasons[0])
+                    continue
+                for up in item.stage.needs:
+                    man = self.manifest(up)
+                    if man is None or man.get("fingerprint") != item.parts["upstream"][up]:
+                        raise StageError(
+                            f"stage {name} needs {up}, which is not complete for this config; "
+                            f"run it first (drop --only, or add it: --only {up},{name})")
+                log.info("[%s] run: %s", name, "; ".join(item.reasons))
+                self._execute(item)
+            return plan
+
+    def _execute(self, item: PlanItem) -> None:
+        stage, name = item.stage, item.stage.name
+        final, partial = self.stage_dir(name), self.run_dir / f"{name}.partial"
+        marker = partial / ".fingerprint"
+        if partial.exists():
+            resumable = stage.resumable and marker.is_file() and marker.read_text() == item.fingerprint
+            if resumable:
+                log.info("[%s] resuming partial work in %s", name, partial)
+            else:
+                shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        marker.write_text(item.fingerprint)
+        ctx = StageContext(
+            cfg=_restrict(self.cfg, stage.reads),
+            work_dir=partial,
+            inputs={up: self.stage_dir(up) for up in stage.needs},
+            run_dir=self.run_dir,
+        )
+        started = time.time()
+        metrics = stage.run(ctx) or {}
+        shutil.rmtree(partial / SCRATCH, ignore_errors=True)
+        marker.unlink()
+        manifest = {
+            "stage": name,
+            "fingerprint": item.fingerprint,
+            "fingerprint_parts": item.parts,
+            "status": "complete",
+            "outputs": _describe_outputs(partial),
+            "metrics": metrics,
+            "started": started,
+            "finished": time.time(),
+            "seconds": round(time.time() - started, 3),
+            "versions": package_versions(),
+        }
+        write_json_atomic(partial / MANIFEST, manifest)
+        _publish(partial, final)
+        log.info("[%s] done in %.1fs", name, manifest["seconds"])
+
+    # ------------------------------------------------------------------------- status
+
+    def status(self) -> List[Dict[str, Any]]:
+        rows = []
+        for item in self.plan():
+            name = item.stage.name
+            man = self.manifest(name) or {}
+            if not man:
+                state = "partial" if (self.run_dir / f"{name}.partial").exists() else "missing"
+            elif item.action == "run":
+                state = "stale"
+            else:
+                state = "done"
+            outputs = man.get("outputs", {})
+            rows.append({
+                "stage": name,
+                "status": state,
+                "fingerprint": item.fingerprint,
+                "manifest_fingerprint": man.get("fingerprint"),
+                "reasons": item.reasons,
+                "dir": str(self.stage_dir(name)),
+                "outputs": {rel: str(self.stage_dir(name) / rel) for rel in outputs},
+                "bytes": sum(o["size"] for o in outputs.values()),
+                "seconds": man.get("seconds"),
+                "finished": man.get("finished"),
+            })
+        return rows
+
+
+def _restrict(cfg: DictConfig, keys: Sequence[str]) -> DictConfig:
+    """A copy of cfg holding only `keys`: a stage cannot read what its fingerprint does not cover."""
+    out = OmegaConf.create({})
+    for key in keys:
+        OmegaConf.update(out, key, OmegaConf.select(cfg, key), force_add=True)
+    OmegaConf.set_readonly(out, True)
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def _describe_outputs(directory: Path) -> Dict[str, Dict[str, Any]]:
+    outputs = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(directory))
+        if rel == ".fingerprint":
+            continue
+        size = path.stat().st_size
+        outputs[rel] = {"size": size, "sha256": sha256_file(path)} if size <= HASH_LIMIT else {"size": size}
+    return outputs
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Swap the completed work dir into place; the old output is removed only after the swap."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def explain_change(before: Dict[str, Any], after: Dict[str, Any]) -> List[str]:
+    """Name what differs between two fingerprints' parts: config keys, upstream stages, inputs, code."""
+    reasons = []
+    if before.get("code") != after.get("code"):
+        reasons.append(f"code version {before.get('code')} -> {after.get('code')}")
+    old, new = flatten(before.get("config", {})), flatten(after.get("config", {}))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            reasons.append(f"config {key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")
+    for up in sorted(set(before.get("upstream", {})) | set(after.get("upstream", {}))):
+        if before.get("upstream", {}).get(up) != after.get("upstream", {}).get(up):
+            reasons.append(f"upstream stage {up} changed")
+    for path in sorted(set(before.get("inputs", {})) | set(after.get("inputs", {}))):
+        if before.get("inputs", {}).get(path) != after.get("inputs", {}).get(path):
+            reasons.append(f"input {path} changed")
+    return reasons or ["fingerprint changed"]

@@ -1,0 +1,11 @@
+"""The pipeline's stages, upstream first. Adding a stage = one module with a `run(ctx)` + one row here."""
+from pipeline.data import mix, tokenize, tokenizer
+from pipeline.runner import Stage
+
+STAGES = [
+    Stage("tokenizer", needs=(), reads=("tokenizer", "data.sources"), run=tokenizer.run,
+          external_inputs=tokenizer.external_inputs),
+    Stage("tokenize", needs=("tokenizer",), reads=("data.sources", "data.tokenize"), run=tokenize.run,
+          ignores=("data.tokenize.workers",), external_inputs=tokenize.external_inputs, resumable=True),
+    Stage("mix", needs=("tokenize",), reads=("data.mix",), run=mix.run),
+]
