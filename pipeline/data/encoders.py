@@ -140,25 +140,37 @@ def choose_engine(requested: str, tokenizer_json: Path, add_special_tokens: bool
 # ----------------------------------------------------------------------------- huge documents
 
 def split_points(text: str, max_chars: int) -> List[int]:
-    """Cut positions so no piece is longer than max_chars, each at the start of a line (after a
-    newline, before a non-space character): a pre-token boundary for byte-level BPE, so the pieces'
-    ids concatenate to the whole text's ids (checked per tokenizer by `splitting_is_exact`). Where a
-    window has no such place, cut hard and count it."""
+    """Cut positions so no piece is longer than max_chars, at places where byte-level BPE's
+    pre-tokenizer splits anyway, so the pieces' ids concatenate to the whole text's ids (checked per
+    tokenizer by `splitting_is_exact`): right after a newline with non-space on both sides ("x\n|Y"),
+    else right before a single space between non-spaces ("x| y"). A window with neither is cut hard,
+    which the caller counts."""
     cuts, start, n = [], 0, len(text)
     while n - start > max_chars:
-        hi = start + max_chars
-        cut = text.rfind("\n", start + max_chars // 2, hi)
-        while cut != -1 and text[cut + 1:cut + 2].isspace():
-            cut = text.rfind("\n", start + max_chars // 2, cut)
-        cut = hi if cut == -1 else cut + 1
+        lo, hi = start + max_chars // 2, start + max_chars
+        cut = _rfind_between(text, "\n", lo, hi)
+        cut = cut + 1 if cut > 0 else _rfind_between(text, " ", lo, hi)
+        cut = cut if cut > 0 else hi
         cuts.append(cut)
         start = cut
     return cuts
 
 
-def pieces(text: str, max_chars: int) -> List[str]:
-    bounds = [0] + split_points(text, max_chars) + [len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+def _rfind_between(text: str, char: str, lo: int, hi: int) -> int:
+    """Last index of `char` in [lo, hi) with a non-space character on both sides; -1 if none."""
+    pos = hi
+    while (pos := text.rfind(char, lo, pos)) > 0:
+        if not text[pos - 1].isspace() and not text[pos + 1:pos + 2].isspace() and pos + 1 < len(text):
+            return pos
+    return -1
+
+
+def pieces(text: str, max_chars: int) -> Tuple[List[str], int]:
+    """The text cut at `split_points`, and how many of the cuts were hard (not at a safe boundary)."""
+    cuts = split_points(text, max_chars)
+    hard = sum(1 for c in cuts if text[c - 1] != "\n" and text[c] != " ")
+    bounds = [0] + cuts + [len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])], hard
 
 
 def splitting_is_exact(encoder: Any, sample: List[str], piece_chars: int = 1024) -> bool:
@@ -167,5 +179,6 @@ def splitting_is_exact(encoder: Any, sample: List[str], piece_chars: int = 1024)
     if "\n" not in text:
         return False
     whole, _ = encoder.encode([text])
-    parts, _ = encoder.encode(pieces(text, piece_chars))
-    return np.array_equal(whole, parts)
+    cut, hard = pieces(text, piece_chars)
+    parts, _ = encoder.encode(cut)
+    return hard == 0 and np.array_equal(whole, parts)

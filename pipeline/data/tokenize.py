@@ -63,21 +63,26 @@ def _encoder(job: Job):
     return _ENCODERS[key]
 
 
-def _batches(texts: Iterator[str], batch_docs: int, split_chars: int) -> Iterator[Tuple[List[str], List[int]]]:
-    """Batches of encode inputs plus, per document, how many pieces it was cut into (1 unless huge)."""
+def _batches(texts: Iterator[str], batch_docs: int, split_chars: int) -> Iterator[Tuple[List[str], List[int], int]]:
+    """Batches of encode inputs; per document, how many pieces it was cut into (1 unless huge);
+    and how many of those cuts were hard."""
     batch: List[str] = []
     counts: List[int] = []
-    chars = 0
+    chars = hard = 0
     for text in texts:
-        parts = [text] if len(text) <= split_chars else encoders.pieces(text, split_chars)
+        if len(text) <= split_chars:
+            parts = [text]
+        else:
+            parts, h = encoders.pieces(text, split_chars)
+            hard += h
         batch.extend(parts)
         counts.append(len(parts))
         chars += len(text)
         if len(counts) >= batch_docs or chars >= 8 * split_chars:
-            yield batch, counts
-            batch, counts, chars = [], [], 0
+            yield batch, counts, hard
+            batch, counts, chars, hard = [], [], 0, 0
     if counts:
-        yield batch, counts
+        yield batch, counts, hard
 
 
 def encode_shard(job: Job) -> Dict[str, Any]:
@@ -95,12 +100,12 @@ def encode_shard(job: Job) -> Dict[str, Any]:
     with open(f"{stem}.bin.tmp", "wb") as fbin, open(f"{stem}.len.tmp", "wb") as flen, \
             open(rejects_path, "w") if policy == "quarantine" else _null() as rejects:
         sink = RecordSink(job.shard.source, policy, stats, rejects)
-        for texts, counts in _batches(read_shard(job.shard, job.source, sink), job.batch_docs, job.split_chars):
+        for texts, counts, hard in _batches(read_shard(job.shard, job.source, sink), job.batch_docs, job.split_chars):
+            hard_splits += hard
             ids, lengths = encoder.encode(texts)
             if len(counts) != len(texts):  # fold the pieces of split documents back into one document each
                 doc_of_piece = np.repeat(np.arange(len(counts)), counts)
                 lengths = np.bincount(doc_of_piece, weights=lengths, minlength=len(counts)).astype(np.int64)
-                hard_splits += sum(1 for t in texts if t and not t.endswith("\n")) - len(counts)
             if ids.size and (int(ids.max()) >= job.vocab_len or int(ids.min()) < 0):
                 raise DataError(f"{job.shard.path}: token id {int(ids.max())} is outside the tokenizer's "
                                 f"{job.vocab_len} entries; the tokenizer files are inconsistent")
@@ -113,7 +118,7 @@ def encode_shard(job: Job) -> Dict[str, Any]:
     os.replace(f"{stem}.bin.tmp", f"{stem}.bin")
     os.replace(f"{stem}.len.tmp", f"{stem}.len")
     marker = {"shard": job.shard.key(), "documents": stats.documents, "tokens": tokens, "chars": stats.chars,
-              "skipped": stats.skipped, "blank_lines": stats.blank_lines, "hard_splits": max(hard_splits, 0),
+              "skipped": stats.skipped, "blank_lines": stats.blank_lines, "hard_splits": hard_splits,
               "seconds": round(time.perf_counter() - t0, 3)}
     write_json_atomic(Path(f"{stem}.json"), marker)
     return marker

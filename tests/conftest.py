@@ -1,0 +1,61 @@
+"""Shared fixtures: the shipped sample corpus as plain jsonl (so byte-range shards are exercised),
+a fast test config, and helpers that run the real CLI in-process or as a subprocess."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+SOURCES = ("web", "code", "math")
+
+
+def fast_overrides(corpus: Path, run_dir: Path, *extra: str) -> list:
+    """The default experiment, pointed at `corpus`, with a small tokenizer so a run takes seconds."""
+    return [f"run_dir={run_dir}", "tokenizer.vocab_size=1024", "tokenizer.sample_docs_per_source=100",
+            "data.tokenize.shard_bytes=262144",
+            *[f"data.sources.{s}.path={corpus / (s + '.jsonl')}" for s in SOURCES], *extra]
+
+
+def cli(*args: str) -> int:
+    from pipeline.cli import main
+
+    return main(list(args))
+
+
+def cli_subprocess(*args: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    for s in SOURCES:
+        with gzip.open(SAMPLE / f"{s}.jsonl.gz", "rb") as f, open(out / f"{s}.jsonl", "wb") as g:
+            shutil.copyfileobj(f, g)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_run(corpus, tmp_path_factory) -> Path:
+    """One complete run of every stage; tests copy it rather than redo it."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    assert cli("run", *fast_overrides(corpus, run_dir)) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(base_run) -> Path:
+    return base_run / "tokenizer"
+
+
+def read_bytes(prefix: Path) -> tuple:
+    return Path(f"{prefix}.bin").read_bytes(), Path(f"{prefix}.idx").read_bytes()
