@@ -1,0 +1,111 @@
+"""The runner: skip, rerun exactly what changed, explain, status, lock, resolved config saved."""
+import json
+import os
+import shutil
+import socket
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import cli, cli_subprocess, fast_overrides
+from pipeline.config import compose
+from pipeline.runner import RunLock, StageError
+
+
+def finished(run_dir):
+    return {s: json.loads((run_dir / s / "MANIFEST.json").read_text())["finished"] for s in ("tokenizer", "tokenize", "mix")}
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(base_run, run_dir)
+    return run_dir
+
+
+def test_unchanged_rerun_skips_every_stage(corpus, run_copy):
+    before = finished(run_copy)
+    result = cli_subprocess("run", *fast_overrides(corpus, run_copy))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("skip: done") == 3
+    assert finished(run_copy) == before
+
+
+def test_changed_weights_rerun_only_mix_and_explain_names_the_key(corpus, run_copy):
+    before = finished(run_copy)
+    args = fast_overrides(corpus, run_copy, "data.mix.weights.code=0.5")
+    result = cli_subprocess("run", *args, "--explain")
+    assert "config data.mix.weights.code: 0.12 -> 0.5" in result.stdout
+    assert cli("run", *args) == 0
+    after = finished(run_copy)
+    assert after["tokenizer"] == before["tokenizer"] and after["tokenize"] == before["tokenize"]
+    assert after["mix"] > before["mix"]
+
+
+def test_changed_tokenize_key_reruns_tokenize_and_mix_but_workers_do_not(corpus, run_copy):
+    before = finished(run_copy)
+    assert cli("run", *fast_overrides(corpus, run_copy, "data.tokenize.workers=1")) == 0
+    assert finished(run_copy) == before  # worker count changes how, not what
+    assert cli("run", *fast_overrides(corpus, run_copy, "data.tokenize.append_eod=false")) == 0
+    after = finished(run_copy)
+    assert after["tokenizer"] == before["tokenizer"]
+    assert after["tokenize"] > before["tokenize"] and after["mix"] > before["mix"]
+
+
+def test_changed_input_file_is_named_by_explain(corpus, run_copy, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    args = fast_overrides(data, run_copy)
+    with open(data / "math.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    out = cli_subprocess("run", *args, "--explain").stdout
+    assert f"input {data / 'math.jsonl'} changed" in out or "config data.sources.math.path" in out
+
+
+def test_status_json_lists_fingerprints_and_outputs(corpus, run_copy):
+    result = cli_subprocess("status", *fast_overrides(corpus, run_copy), "--json")
+    rows = {r["stage"]: r for r in json.loads(result.stdout)}
+    assert all(r["status"] == "done" for r in rows.values())
+    assert os.path.isfile(rows["mix"]["outputs"]["train.bin"])
+    assert rows["mix"]["fingerprint"] == rows["mix"]["manifest_fingerprint"]
+    stale = json.loads(cli_subprocess("status", *fast_overrides(corpus, run_copy, "data.mix.seed=7"), "--json").stdout)
+    assert [r["status"] for r in stale] == ["done", "done", "stale"]
+
+
+def test_force_and_only(corpus, run_copy):
+    before = finished(run_copy)
+    assert cli("run", *fast_overrides(corpus, run_copy), "--only", "mix", "--force") == 0
+    after = finished(run_copy)
+    assert after["mix"] > before["mix"] and after["tokenize"] == before["tokenize"]
+
+
+def test_partial_stage_is_never_read_downstream(corpus, run_copy):
+    shutil.rmtree(run_copy / "tokenize")  # as if it never completed
+    (run_copy / "tokenize.partial").mkdir()
+    result = cli_subprocess("run", *fast_overrides(corpus, run_copy), "--only", "mix", "--force")
+    assert result.returncode == 2 and "needs tokenize, which is not complete" in result.stderr
+
+
+def test_resolved_config_is_saved_and_reloads(corpus, run_copy):
+    saved = OmegaConf.load(run_copy / "config.yaml")
+    assert saved.data.mix.weights.web == 0.85 and saved.tokenizer.vocab_size == 1024
+
+
+def test_lock_refuses_a_live_writer_and_takes_over_a_dead_ones(tmp_path):
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    with pytest.raises(StageError, match="in use by pid"):
+        RunLock(tmp_path).__enter__()
+    lock.write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname()}))
+    with RunLock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_every_experiment_config_composes():
+    for name in ("tiny_cpu", "seeds_mix"):
+        cfg = compose([f"experiment={name}"])
+        assert cfg.name == name
+    seeds = compose(["experiment=seeds_mix"])
+    assert dict(seeds.data.mix.weights) == {"fineweb_edu": 0.85, "the_stack": 0.12, "math": 0.03}
+    assert seeds.data.mix.seed == 42

@@ -1,0 +1,123 @@
+"""Every source format, and every bad-record kind under each policy: message with file:line, nothing published."""
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import cli, cli_subprocess, fast_overrides
+from pipeline.data.indexed import IndexedReader
+
+GOOD = [f"document number {i}: some words to tokenize." for i in range(20)]
+
+# (kind, raw jsonl line, the message we expect to see)
+BAD_RECORDS = [
+    ("invalid_json", b'{"text": "unterminated\n', "invalid JSON"),
+    ("missing_text", b'{"body": "no text field"}\n', "no 'text' field"),
+    ("non_string_text", b'{"text": 42}\n', "'text' is int, not a string"),
+    ("invalid_utf8", b'{"text": "bad \xff\xfe bytes"}\n', "invalid UTF-8"),
+    ("empty_text", b'{"text": ""}\n', "empty 'text'"),
+    ("not_an_object", b'["a", "list"]\n', "not a JSON object"),
+]
+
+
+def write_jsonl(path: Path, bad_line: bytes, at: int = 7) -> None:
+    lines = [json.dumps({"text": t}).encode() + b"\n" for t in GOOD]
+    lines.insert(at, bad_line)
+    path.write_bytes(b"".join(lines))
+
+
+def one_source(tmp_path: Path, corpus: Path, path: Path, *extra: str) -> list:
+    """The fast test config with `web` replaced by `path`."""
+    args = fast_overrides(corpus, tmp_path / "run", *extra)
+    return [a if not a.startswith("data.sources.web.path=") else f"data.sources.web.path={path}" for a in args]
+
+
+@pytest.mark.parametrize("kind,line,message", BAD_RECORDS, ids=[b[0] for b in BAD_RECORDS])
+def test_bad_record_is_an_error_naming_file_and_line_and_nothing_is_published(corpus, tmp_path, kind, line, message):
+    path = tmp_path / "bad.jsonl"
+    write_jsonl(path, line, at=7)
+    result = cli_subprocess("run", *one_source(tmp_path, corpus, path))
+    assert result.returncode == 2
+    assert f"{path}:8: {message}" in result.stderr, result.stderr
+    assert "on_bad_record=skip" in result.stderr
+    assert not (tmp_path / "run" / "tokenize").exists() and not (tmp_path / "run" / "mix").exists()
+
+
+def test_skip_counts_and_quarantine_writes_every_bad_record(corpus, base_run, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"text": t}).encode() + b"\n" for t in GOOD]
+    for i, (_, bad, _) in enumerate(BAD_RECORDS):
+        lines.insert(2 + 3 * i, bad)
+    path.write_bytes(b"".join(lines))
+    for policy in ("skip", "quarantine"):
+        assert cli("run", *one_source(tmp_path / policy, corpus, path, f"data.sources.web.on_bad_record={policy}"),
+                   "--only", "tokenizer,tokenize") == 0
+        out = tmp_path / policy / "run" / "tokenize"
+        metrics = json.loads((out / "MANIFEST.json").read_text())["metrics"]["sources"]["web"]
+        assert metrics["documents"] == len(GOOD)
+        assert metrics["skipped"] == {kind: 1 for kind, _, _ in BAD_RECORDS}
+        rejects = out / "web.rejects.jsonl"
+        if policy == "skip":
+            assert not rejects.exists()
+        else:
+            rows = [json.loads(r) for r in rejects.read_text().splitlines()]
+            assert [r["where"].rsplit(":", 1)[1] for r in rows] == [str(3 + 3 * i) for i in range(len(BAD_RECORDS))]
+            assert "unterminated" in rows[0]["record"]
+        assert len(IndexedReader(out / "web")) == len(GOOD)  # no empty document became a bare EOD
+
+
+def test_formats_parquet_json_txt_gz_and_hf_streaming_read_the_same_documents(corpus, tmp_path, tokenizer_dir):
+    """The same 20 documents through each reader give the same token stream."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in GOOD))
+    with gzip.open(data / "docs.jsonl.gz", "wt") as f:
+        f.write((data / "docs.jsonl").read_text())
+    (data / "docs.json").write_text(json.dumps([{"text": t} for t in GOOD]))
+    pq.write_table(pa.table({"content": GOOD}), data / "docs.parquet", row_group_size=3)
+    (data / "docs.txt").write_text("\n".join(GOOD) + "\n")
+    hf_dir = tmp_path / "hf_dataset"  # a local dataset directory, loaded by datasets' streaming code
+    hf_dir.mkdir()
+    pq.write_table(pa.table({"text": GOOD[:10]}), hf_dir / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": GOOD[10:]}), hf_dir / "train-00001-of-00002.parquet")
+    variants = {
+        "jsonl": [f"--input={data / 'docs.jsonl'}"],
+        "jsonl_gz": [f"--input={data / 'docs.jsonl.gz'}"],
+        "json": [f"--input={data / 'docs.json'}"],
+        "parquet": [f"--input={data / 'docs.parquet'}", "--json-keys", "content", "--shard-bytes", "4096"],
+    }
+    streams = {}
+    for name, args in variants.items():
+        prefix = tmp_path / name
+        assert cli("preprocess", *args, "--output-prefix", str(prefix), "--tokenizer", str(tokenizer_dir),
+                   "--append-eod", "--workers", "2") == 0
+        key = "content" if name == "parquet" else "text"
+        streams[name] = np.asarray(IndexedReader(f"{prefix}_{key}_document").tokens)
+    for name, extra in {"txt": ["data.sources.web.text_unit=line"], "hf": []}.items():
+        path = data / "docs.txt" if name == "txt" else f"hf://{hf_dir}"
+        assert cli("run", *one_source(tmp_path / name, corpus, path, *extra,
+                                      f"tokenizer.pretrained={tokenizer_dir}"), "--only", "tokenizer,tokenize") == 0
+        streams[name] = np.asarray(IndexedReader(tmp_path / name / "run" / "tokenize" / "web").tokens)
+    for name, stream in streams.items():
+        np.testing.assert_array_equal(stream, streams["jsonl"], err_msg=name)
+    assert (streams["jsonl"] == 0).sum() == len(GOOD)  # one EOD (id 0) per document
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.sources.web.text_feld=x", "text_feld"),
+    ("data.tokenize.workers=many", "data.tokenize.workers"),
+    ("data.sources.web.on_bad_record=ignore", "on_bad_record"),
+    ("+data.mix.weights.nosuch=0.5", "data.mix.weights: weights for unknown sources ['nosuch']"),
+    ("data.mix.stopping=budget", "data.mix.total_tokens: stopping=budget needs"),
+    ("data.mix.valid_fraction=1.5", "data.mix.valid_fraction: must be in [0, 1)"),
+    ("data.sources.web.path=/nonexistent/*.jsonl", "data.sources.web.path: no files match"),
+], ids=lambda v: v.split("=")[0] if "=" in v else "")
+def test_bad_config_is_an_error_naming_the_key_before_any_stage_runs(corpus, tmp_path, override, message):
+    result = cli_subprocess("run", *fast_overrides(corpus, tmp_path / "run"), override)
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+    assert not (tmp_path / "run" / "tokenizer").exists()
