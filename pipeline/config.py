@@ -71,12 +71,14 @@ class SourceConfig:
 class TokenizeConfig:
     workers: int = 2  # worker processes; output bytes do not depend on it
     engine: Engine = Engine.auto  # auto = fastest engine verified to give HF's ids on this input
-    shard_bytes: int = 64 * 1024 * 1024  # input bytes per shard (the unit of parallelism and resume)
+    shard_bytes: int = 8 * 1024 * 1024  # input bytes per shard: the unit of parallelism and resume
+    # (output bytes do not depend on it; 8 MiB keeps 2 workers busy on a 50 MB file, and is ~125k
+    # shard markers per TB)
     batch_docs: int = 512  # documents per encode call
     append_eod: bool = True  # EOD after every document (Megatron's --append-eod)
     add_special_tokens: bool = True  # as HF `tokenizer(text)` and Megatron's preprocess_data.py do
     split_chars: int = 1_000_000  # documents longer than this are encoded in pieces cut at line starts
-    verify_docs: int = 256  # documents per source used to verify a fast engine against HF
+    verify_docs: int = 256  # documents per source (and at most 512 KiB of each) to verify a fast engine against HF
 
 
 @dataclass

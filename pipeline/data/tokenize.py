@@ -97,12 +97,15 @@ def encode_shard(job: Job) -> Dict[str, Any]:
     t0 = time.perf_counter()
     tokens = 0
     hard_splits = 0
+    encode_seconds = 0.0
     with open(f"{stem}.bin.tmp", "wb") as fbin, open(f"{stem}.len.tmp", "wb") as flen, \
             open(rejects_path, "w") if policy == "quarantine" else _null() as rejects:
         sink = RecordSink(job.shard.source, policy, stats, rejects)
         for texts, counts, hard in _batches(read_shard(job.shard, job.source, sink), job.batch_docs, job.split_chars):
             hard_splits += hard
+            t_enc = time.perf_counter()
             ids, lengths = encoder.encode(texts)
+            encode_seconds += time.perf_counter() - t_enc
             if len(counts) != len(texts):  # fold the pieces of split documents back into one document each
                 doc_of_piece = np.repeat(np.arange(len(counts)), counts)
                 lengths = np.bincount(doc_of_piece, weights=lengths, minlength=len(counts)).astype(np.int64)
@@ -119,7 +122,7 @@ def encode_shard(job: Job) -> Dict[str, Any]:
     os.replace(f"{stem}.len.tmp", f"{stem}.len")
     marker = {"shard": job.shard.key(), "documents": stats.documents, "tokens": tokens, "chars": stats.chars,
               "skipped": stats.skipped, "blank_lines": stats.blank_lines, "hard_splits": hard_splits,
-              "seconds": round(time.perf_counter() - t0, 3)}
+              "seconds": round(time.perf_counter() - t0, 3), "encode_seconds": round(encode_seconds, 3)}
     write_json_atomic(Path(f"{stem}.json"), marker)
     return marker
 
@@ -283,6 +286,7 @@ def _merge(source: str, jobs: List[Job], markers: List[Dict[str, Any]], prefix: 
 def tokenize_sources(sources: Dict[str, Any], tokenizer_dir: Path, prefixes: Dict[str, Path], scratch: Path,
                      opts: Any) -> Dict[str, Any]:
     """Tokenize each source into prefixes[source].bin/.idx. `opts` is a TokenizeConfig (or look-alike)."""
+    t_start = time.perf_counter()
     info = tokenizer_info(tokenizer_dir)
     dtype = token_dtype(info["vocab_len"])
     tokenizer_json = tokenizer_dir / TOKENIZER_FILE
@@ -303,15 +307,25 @@ def tokenize_sources(sources: Dict[str, Any], tokenizer_dir: Path, prefixes: Dic
         for name, src_shards in shards.items()
     }
     budgets = {name: src.max_tokens for name, src in plain.items()}
-    t0 = time.perf_counter()
+    t_shards = time.perf_counter()
     markers = _run_jobs(jobs, budgets, opts.workers)
+    t_merge = time.perf_counter()
     per_source = {name: _merge(name, jobs[name], markers[name], prefixes[name], dtype, budgets[name])
                   for name in sources}
-    seconds = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    seconds = t_end - t_start
     tokens = sum(s["tokens"] for s in per_source.values())
+    all_markers = [m for ms in markers.values() for m in ms]
+    # Where the time goes: setup (plan + engine check), shards (of which workers spent encode_share
+    # inside the encoder; the rest is reading, JSON, EOD insertion and writing), merge.
+    timing = {"setup": round(t_shards - t_start, 3), "shards": round(t_merge - t_shards, 3),
+              "merge": round(t_end - t_merge, 3),
+              "encode_share_of_worker_time": round(sum(m.get("encode_seconds", 0) for m in all_markers)
+                                                   / max(sum(m["seconds"] for m in all_markers), 1e-9), 3)}
     return {"engine": engine, "engine_check": verification, "dtype": dtype.name, "eod_id": info["eod_id"],
             "vocab_len": info["vocab_len"], "split_long_documents": split_exact, "sources": per_source,
-            "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / max(seconds, 1e-9))}
+            "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / max(seconds, 1e-9)),
+            "timing": timing}
 
 
 def _plain(src: Any) -> SimpleNamespace:
@@ -327,14 +341,14 @@ def _verification_sample(shards: Dict[str, List[Shard]], sources: Dict[str, Any]
     sample: List[str] = []
     for name, src_shards in shards.items():
         sink = RecordSink(name, "skip", RecordStats())
-        taken = 0
+        taken = chars = 0
         for shard in src_shards:
             for text in read_shard(shard, sources[name], sink):
                 sample.append(text[:100_000])
-                taken += 1
-                if taken >= per_source:
+                taken, chars = taken + 1, chars + len(sample[-1])
+                if taken >= per_source or chars >= 512 * 1024:
                     break
-            if taken >= per_source:
+            if taken >= per_source or chars >= 512 * 1024:
                 break
     return sample
 

@@ -88,16 +88,25 @@ def run(ctx: StageContext) -> Dict[str, Any]:
 
 
 def tokenizer_info(directory: Path) -> Dict[str, Any]:
-    """EOD id and vocabulary length of a tokenizer dir (ours, or any HF one, e.g. for `preprocess`)."""
-    info_path = Path(directory) / INFO_FILE
+    """EOD id and vocabulary length of a tokenizer dir (ours, or any HF one, e.g. for `preprocess`).
+
+    Read from the files, not through transformers: its import alone costs seconds per run."""
+    directory = Path(directory)
+    info_path = directory / INFO_FILE
     if info_path.is_file():
         return json.loads(info_path.read_text())
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(directory))
-    if hf.eos_token_id is None:
-        raise DataError(f"{directory}: the tokenizer has no eos_token, so there is no end-of-document id")
-    return {"eod_id": hf.eos_token_id, "eod_token": hf.eos_token, "vocab_len": len(hf)}
+    eos = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (directory / name).is_file():
+            eos = json.loads((directory / name).read_text()).get("eos_token") or eos
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    tok = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+    if eos is None or tok.token_to_id(eos) is None:
+        raise DataError(f"{directory}: the tokenizer has no eos_token in tokenizer_config.json, so there is no "
+                        f"end-of-document id; set one (as `pipeline run` does from tokenizer.eod_token)")
+    return {"eod_id": tok.token_to_id(eos), "eod_token": eos, "vocab_len": tok.get_vocab_size(with_added_tokens=True)}
 
 
 def external_inputs(cfg) -> List[str]:

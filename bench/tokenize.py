@@ -1,0 +1,166 @@
+"""Tokenization throughput and memory: `pipeline preprocess` against a bare HF `encode_batch` loop.
+
+    python bench/tokenize.py [--mb 50] [--workers 2] [--rss-mb 50,200,1000] [--huge-mb 25,100]
+
+1. The shipped sample corpus, repeated to --mb of jsonl; a byte-level BPE (vocab 8192) trained on it.
+2. Baseline, measured in this run: the texts already in memory, `tokenizers.Tokenizer.encode_batch`
+   over batches of 1,000 with RAYON_NUM_THREADS=--workers (the same cores we get).
+3. Ours: the `pipeline preprocess` command end to end (process start, JSON reading, encoding, EOD,
+   .bin/.idx written) for engine=hf and engine=auto, with --workers processes; engine=gigatoken too,
+   to check the order in which `auto` tries the fast engines.
+4. Peak RSS (the whole process tree, sampled every 50 ms) of engine=auto at each --rss-mb size:
+   it stays flat because shards stream; and one huge single document at each --huge-mb size:
+   seconds per MB stay flat because huge documents are encoded in pieces (no quadratic blow-up).
+Prints ratios: ours / baseline throughput (targets: hf >= 0.85, auto >= 5).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Python puts this script's folder first on sys.path, where this file would shadow the standard
+# library's `tokenize` module for everything imported after it (transformers among them).
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse
+import gzip
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+
+BASELINE = r"""
+import sys, time, orjson
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+texts = [orjson.loads(line)["text"] for line in open(sys.argv[2], "rb")]
+t0 = time.perf_counter()
+tokens = 0
+for i in range(0, len(texts), 1000):
+    tokens += sum(len(e) for e in tok.encode_batch(texts[i:i + 1000]))
+print(tokens, time.perf_counter() - t0)
+"""
+
+
+def build_corpus(path: Path, megabytes: int) -> int:
+    if path.exists() and path.stat().st_size >= megabytes * 1e6:
+        return path.stat().st_size
+    blob = b"".join(gzip.open(SAMPLE / f"{s}.jsonl.gz").read() for s in ("web", "code", "math"))
+    with open(path, "wb") as f:
+        for _ in range(int(megabytes * 1e6 // len(blob)) + 1):
+            f.write(blob)
+    return path.stat().st_size
+
+
+def build_tokenizer(out: Path) -> Path:
+    if (out / "tokenizer.json").is_file():
+        return out
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.data.tokenizer import train_bpe
+
+    texts = [json.loads(line)["text"] for s in ("web", "code", "math") for line in gzip.open(SAMPLE / f"{s}.jsonl.gz")]
+    tok = train_bpe(iter(texts), 8192, 2, ["<|endoftext|>"])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+    return out
+
+
+def run_measured(cmd: list, env: dict | None = None) -> tuple:
+    """Run a command; return (stdout, wall seconds, peak RSS of its process tree in MB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak = [0]
+
+    def sample():
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                procs = [root] + root.children(recursive=True)
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    watcher.join()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{err[-3000:]}")
+    return out, seconds, peak[0] / 1e6
+
+
+def preprocess(corpus: Path, tokenizer: Path, out: Path, engine: str, workers: int) -> dict:
+    prefix = out / f"pre_{engine}_{corpus.stem}"
+    _, seconds, rss = run_measured([sys.executable, "-m", "pipeline.cli", "preprocess", "--input", str(corpus),
+                                    "--output-prefix", str(prefix), "--tokenizer", str(tokenizer), "--workers",
+                                    str(workers), "--append-eod", "--engine", engine])
+    metrics = json.loads(Path(f"{prefix}.preprocess.json").read_text())
+    docs = sum(s["documents"] for s in metrics["sources"].values())
+    for p in (f"{prefix}_text_document.bin", f"{prefix}_text_document.idx"):
+        os.unlink(p)
+    return {"engine": metrics["engine"], "tokens": metrics["tokens"] - docs, "seconds": seconds, "rss_mb": rss}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=int, default=50)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rss-mb", default="50,200,1000", help="input sizes for the peak-RSS check ('' to skip)")
+    ap.add_argument("--huge-mb", default="25,100", help="single-document sizes for the linearity check ('' to skip)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "out"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / f"corpus_{args.mb}mb.jsonl"
+    size = build_corpus(corpus, args.mb)
+    tokenizer = build_tokenizer(out / "tokenizer")
+    print(f"corpus {size / 1e6:.1f} MB of jsonl, byte-level BPE vocab 8192, {args.workers} cores")
+
+    env = {**os.environ, "RAYON_NUM_THREADS": str(args.workers), "TOKENIZERS_PARALLELISM": "true"}
+    stdout, _, base_rss = run_measured([sys.executable, "-c", BASELINE, str(tokenizer / "tokenizer.json"), str(corpus)], env)
+    base_tokens, base_seconds = int(stdout.split()[0]), float(stdout.split()[1])
+    base_tps = base_tokens / base_seconds
+    print(f"\n{'run':<34} {'tokens':>12} {'seconds':>8} {'tokens/s':>12} {'vs baseline':>11} {'peak RSS':>9}")
+    print(f"{'baseline: encode_batch, in memory':<34} {base_tokens:>12,} {base_seconds:>8.2f} {base_tps:>12,.0f} "
+          f"{1.0:>10.2f}x {base_rss:>6.0f} MB")
+    for engine, target in (("hf", 0.85), ("auto", 5.0), ("gigatoken", None)):
+        r = preprocess(corpus, tokenizer, out, engine, args.workers)
+        assert r["tokens"] == base_tokens, f"engine={engine} produced {r['tokens']} tokens, baseline {base_tokens}"
+        tps = r["tokens"] / r["seconds"]
+        label = f"pipeline preprocess engine={engine}" + (f" ({r['engine']})" if engine == "auto" else "")
+        print(f"{label:<34} {r['tokens']:>12,} {r['seconds']:>8.2f} {tps:>12,.0f} {tps / base_tps:>10.2f}x "
+              f"{r['rss_mb']:>6.0f} MB" + (f"   target >= {target}x" if target else ""))
+
+    if args.rss_mb:
+        print("\npeak RSS of `pipeline preprocess --engine auto` by input size (shards stream, so it stays flat)")
+        for mb in [int(x) for x in args.rss_mb.split(",")]:
+            path = out / f"corpus_{mb}mb.jsonl"
+            build_corpus(path, mb)
+            r = preprocess(path, tokenizer, out, "auto", args.workers)
+            print(f"  {mb:>5} MB in: {r['rss_mb']:>6.0f} MB peak RSS, {r['seconds']:6.1f}s, "
+                  f"{r['tokens'] / r['seconds']:,.0f} tokens/s")
+            if mb != args.mb:
+                path.unlink()
+
+    if args.huge_mb:
+        print("\none huge document (sample text repeated, no record boundaries), engine=auto")
+        text = "\n".join(json.loads(line)["text"] for s in ("web", "code", "math") for line in gzip.open(SAMPLE / f"{s}.jsonl.gz"))
+        for mb in [int(x) for x in args.huge_mb.split(",")]:
+            path = out / f"huge_{mb}mb.jsonl"
+            with open(path, "w") as f:
+                f.write(json.dumps({"text": (text * (int(mb * 1e6) // len(text) + 1))[:int(mb * 1e6)]}) + "\n")
+            r = preprocess(path, tokenizer, out, "auto", args.workers)
+            print(f"  {mb:>5} MB document: {r['seconds']:6.1f}s ({r['seconds'] / mb:.3f} s/MB), peak RSS {r['rss_mb']:.0f} MB")
+            path.unlink()
+
+
+if __name__ == "__main__":
+    main()
