@@ -25,6 +25,7 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 import argparse
 import gzip
 import json
+import statistics
 import subprocess
 import threading
 import time
@@ -113,6 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=50)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each run's best time is kept")
     ap.add_argument("--rss-mb", default="50,200,1000", help="input sizes for the peak-RSS check ('' to skip)")
     ap.add_argument("--huge-mb", default="25,100", help="single-document sizes for the linearity check ('' to skip)")
     ap.add_argument("--out", default=str(REPO / "bench" / "out"))
@@ -124,19 +126,36 @@ def main() -> None:
     tokenizer = build_tokenizer(out / "tokenizer")
     print(f"corpus {size / 1e6:.1f} MB of jsonl, byte-level BPE vocab 8192, {args.workers} cores")
 
+    # Rounds interleave baseline and pipeline runs and keep each one's best time, so a noisy
+    # neighbour on a shared machine hits both sides instead of deciding the ratio.
     env = {**os.environ, "RAYON_NUM_THREADS": str(args.workers), "TOKENIZERS_PARALLELISM": "true"}
-    stdout, _, base_rss = run_measured([sys.executable, "-c", BASELINE, str(tokenizer / "tokenizer.json"), str(corpus)], env)
-    base_tokens, base_seconds = int(stdout.split()[0]), float(stdout.split()[1])
-    base_tps = base_tokens / base_seconds
-    print(f"\n{'run':<34} {'tokens':>12} {'seconds':>8} {'tokens/s':>12} {'vs baseline':>11} {'peak RSS':>9}")
-    print(f"{'baseline: encode_batch, in memory':<34} {base_tokens:>12,} {base_seconds:>8.2f} {base_tps:>12,.0f} "
-          f"{1.0:>10.2f}x {base_rss:>6.0f} MB")
-    for engine, target in (("hf", 0.85), ("auto", 5.0), ("gigatoken", None)):
-        r = preprocess(corpus, tokenizer, out, engine, args.workers)
-        assert r["tokens"] == base_tokens, f"engine={engine} produced {r['tokens']} tokens, baseline {base_tokens}"
+    runs = {"hf": ("hf", 0.85), "auto": ("auto", 5.0), "gigatoken": ("gigatoken", None)}
+    best: dict = {}
+    times: dict = {}
+    for _ in range(args.rounds):
+        stdout, _, rss = run_measured([sys.executable, "-c", BASELINE, str(tokenizer / "tokenizer.json"), str(corpus)], env)
+        tokens, seconds = int(stdout.split()[0]), float(stdout.split()[1])
+        times.setdefault("baseline", []).append(seconds)
+        if "baseline" not in best or seconds < best["baseline"]["seconds"]:
+            best["baseline"] = {"tokens": tokens, "seconds": seconds, "rss_mb": rss, "engine": "encode_batch"}
+        for name, (engine, _) in runs.items():
+            r = preprocess(corpus, tokenizer, out, engine, args.workers)
+            assert r["tokens"] == tokens, f"engine={engine} produced {r['tokens']} tokens, baseline {tokens}"
+            times.setdefault(name, []).append(r["seconds"])
+            if name not in best or r["seconds"] < best[name]["seconds"]:
+                best[name] = r
+    base_tps = best["baseline"]["tokens"] / best["baseline"]["seconds"]
+    median_ratio = {n: statistics.median(times["baseline"]) / statistics.median(t) for n, t in times.items()}
+    print(f"best of {args.rounds} interleaved rounds each (median ratio in brackets)")
+    print(f"\n{'run':<44} {'tokens':>12} {'seconds':>8} {'tokens/s':>12} {'vs baseline':>18} {'peak RSS':>9}")
+    for name, label, target in [("baseline", "baseline: encode_batch, texts in memory", None)] + \
+            [(n, f"pipeline preprocess --engine {e}", t) for n, (e, t) in runs.items()]:
+        r = best[name]
+        if name == "auto":
+            label += f" ({r['engine']})"
         tps = r["tokens"] / r["seconds"]
-        label = f"pipeline preprocess engine={engine}" + (f" ({r['engine']})" if engine == "auto" else "")
-        print(f"{label:<34} {r['tokens']:>12,} {r['seconds']:>8.2f} {tps:>12,.0f} {tps / base_tps:>10.2f}x "
+        print(f"{label:<44} {r['tokens']:>12,} {r['seconds']:>8.2f} {tps:>12,.0f} {tps / base_tps:>9.2f}x "
+              f"({median_ratio[name]:>5.2f}x) "
               f"{r['rss_mb']:>6.0f} MB" + (f"   target >= {target}x" if target else ""))
 
     if args.rss_mb:

@@ -52,14 +52,15 @@ def test_changed_tokenize_key_reruns_tokenize_and_mix_but_workers_do_not(corpus,
     assert after["tokenize"] > before["tokenize"] and after["mix"] > before["mix"]
 
 
-def test_changed_input_file_is_named_by_explain(corpus, run_copy, tmp_path):
+def test_changed_input_file_is_named_by_explain(corpus, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
-    args = fast_overrides(data, run_copy)
+    args = fast_overrides(data, tmp_path / "run")
+    assert cli("run", *args, "--only", "tokenizer") == 0
     with open(data / "math.jsonl", "a") as f:
         f.write(json.dumps({"text": "one more document"}) + "\n")
     out = cli_subprocess("run", *args, "--explain").stdout
-    assert f"input {data / 'math.jsonl'} changed" in out or "config data.sources.math.path" in out
+    assert f"input {data / 'math.jsonl'} changed" in out
 
 
 def test_status_json_lists_fingerprints_and_outputs(corpus, run_copy):

@@ -121,3 +121,18 @@ def test_auto_engine_records_its_check_in_the_manifest(base_run):
     check = metrics["engine_check"]
     assert metrics["engine"] in ("fastokens", "gigatoken") and check["chosen"] == metrics["engine"]
     assert check[metrics["engine"]]["identical_ids"] is True and check["sample_docs"] > 100
+
+
+def test_tokenizer_dir_loads_with_autotokenizer_and_as_gpt2_vocab_merges(corpus, tokenizer_dir):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer
+
+    info = json.loads((tokenizer_dir / "pipeline_tokenizer.json").read_text())
+    auto = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert auto.eos_token == "<|endoftext|>" and auto.eos_token_id == info["eod_id"] and len(auto) == info["vocab_len"]
+    assert json.loads((tokenizer_dir / "special_tokens_map.json").read_text())["eos_token"] == "<|endoftext|>"
+    # Megatron's GPT2BPETokenizer reads vocab.json + merges.txt as GPT-2's byte-level BPE
+    gpt2 = ByteLevelBPETokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"))
+    assert gpt2.token_to_id("<|endoftext|>") == info["eod_id"]
+    texts = [json.loads(line)["text"] for line in (corpus / "code.jsonl").read_text().splitlines()[:20]]
+    assert [e.ids for e in gpt2.encode_batch(texts)] == [auto(t).input_ids for t in texts]

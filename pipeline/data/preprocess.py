@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from pipeline.config import TokenizeConfig
-from pipeline.data.sources import DataError
+from pipeline.data.sources import DataError, list_files
 from pipeline.data.tokenize import tokenize_sources
 from pipeline.runner import canonical_json, input_identity, sha256_file
 
@@ -59,8 +59,7 @@ def preprocess(args: argparse.Namespace) -> None:
                for key in args.json_keys}
     # Shards left by an interrupted run are reused only if input, tokenizer and options are the same.
     key = hashlib.sha256(canonical_json({
-        "inputs": {str(p): input_identity(p) for p in sorted(Path(".").glob(args.input)) if p.is_file()}
-        if not Path(args.input).is_file() else {args.input: input_identity(Path(args.input))},
+        "inputs": {f: input_identity(Path(f)) for f in list_files(args.input, "--input")},
         "tokenizer": sha256_file(tokenizer_dir / "tokenizer.json"),
         "opts": {**vars(opts), "engine": str(args.engine)}, "keys": args.json_keys,
         "policy": args.on_bad_record}).encode()).hexdigest()

@@ -63,19 +63,20 @@ def source_format(path: str, configured: Optional[str], key: str) -> str:
 
 
 def list_files(pattern: str, key: str) -> List[str]:
-    """A file, a directory (every file under it with a known suffix) or a glob; sorted, so order is stable."""
+    """A file, a directory (every file under it with a known suffix) or a glob; sorted, so order is stable.
+    `key` names the setting the pattern came from, for the error."""
     if os.path.isdir(pattern):
         files = [str(p) for p in Path(pattern).rglob("*")
                  if p.is_file() and any(str(p).endswith(s) for s, _ in SUFFIX_FORMATS)]
     else:
         files = [f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)]
     if not files:
-        raise DataError(f"{key}.path: no files match {pattern!r}")
+        raise DataError(f"{key}: no files match {pattern!r}")
     return sorted(files)
 
 
 def local_files(src: Any, key: str) -> List[str]:
-    return [] if src.path.startswith(HF_PREFIX) else list_files(src.path, key)
+    return [] if src.path.startswith(HF_PREFIX) else list_files(src.path, f"{key}.path")
 
 
 def plan_shards(name: str, src: Any, shard_bytes: int) -> List[Shard]:
@@ -226,9 +227,10 @@ def _read_jsonl(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
                 continue
             sink.bad(where, f"invalid JSON ({e})", "invalid_json", line)
             continue
-        if type(record) is dict and type(text := record.get(field_name)) is str and text:
-            yield text  # the common case, checked inline: this loop runs once per document
-        elif (text := _check_text(record, field_name, f"{shard.path}:{line_no()}", line, sink)) is not None:
+        if not (type(record) is dict and type(text := record.get(field_name)) is str and text):
+            text = _check_text(record, field_name, f"{shard.path}:{line_no()}", line, sink)  # the rare case
+        del line, record  # a 100 MB document should not be held twice (raw bytes + str) while it encodes
+        if text is not None:
             yield text
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -63,66 +63,91 @@ def _encoder(job: Job):
     return _ENCODERS[key]
 
 
-def _batches(texts: Iterator[str], batch_docs: int, split_chars: int) -> Iterator[Tuple[List[str], List[int], int]]:
-    """Batches of encode inputs; per document, how many pieces it was cut into (1 unless huge);
-    and how many of those cuts were hard."""
-    batch: List[str] = []
-    counts: List[int] = []
-    chars = hard = 0
-    for text in texts:
-        if len(text) <= split_chars:
-            parts = [text]
-        else:
-            parts, h = encoders.pieces(text, split_chars)
-            hard += h
-        batch.extend(parts)
-        counts.append(len(parts))
-        chars += len(text)
-        if len(counts) >= batch_docs or chars >= 8 * split_chars:
-            yield batch, counts, hard
-            batch, counts, chars, hard = [], [], 0, 0
-    if counts:
-        yield batch, counts, hard
+PIECES_PER_CALL = 8  # pieces of a huge document encoded per call: memory stays ~8 x split_chars
+BATCH_CHARS = 8_000_000  # an encode call also ends at this many characters, whatever batch_docs says
+
+
+class ShardEncoder:
+    """Encodes documents into a shard's .bin/.len: ordinary ones in batches, a huge one piece by piece."""
+
+    def __init__(self, job: Job, fbin: BinaryIO, flen: BinaryIO):
+        self.job, self.fbin, self.flen = job, fbin, flen
+        self.encoder = _encoder(job)
+        self.dtype = np.dtype(job.dtype)
+        self.tokens = self.hard_splits = 0
+        self.encode_seconds = 0.0
+
+    def _encode(self, texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
+        t0 = time.perf_counter()
+        ids, lengths = self.encoder.encode(texts)
+        self.encode_seconds += time.perf_counter() - t0
+        if ids.size and (int(ids.max()) >= self.job.vocab_len or int(ids.min()) < 0):
+            raise DataError(f"{self.job.shard.path}: token id {int(ids.max())} is outside the tokenizer's "
+                            f"{self.job.vocab_len} entries; the tokenizer files are inconsistent")
+        return ids, lengths
+
+    def _write(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        self.fbin.write(ids.astype(self.dtype, copy=False).tobytes())
+        if lengths.size:
+            self.flen.write(lengths.astype(np.int32).tobytes())
+            self.tokens += int(lengths.sum())
+
+    def add_batch(self, texts: List[str]) -> None:
+        ids, lengths = self._encode(texts)
+        if self.job.append_eod:  # one EOD after each document, in a single vectorised insert
+            ids = np.insert(ids, np.cumsum(lengths), self.job.eod_id)
+            lengths = lengths + 1
+        self._write(ids, lengths)
+
+    def add_huge(self, text: str) -> None:
+        """Pieces cut at pre-token boundaries (exact for this tokenizer, checked up front), encoded a few
+        at a time and written as they come: one document, and no more memory than its own text."""
+        cuts = encoders.split_points(text, self.job.split_chars)
+        self.hard_splits += sum(1 for c in cuts if text[c - 1] != "\n" and text[c] != " ")
+        bounds = [0] + cuts + [len(text)]
+        length = 0
+        for g in range(0, len(bounds) - 1, PIECES_PER_CALL):
+            group = [text[a:b] for a, b in zip(bounds[g:g + PIECES_PER_CALL], bounds[g + 1:g + 1 + PIECES_PER_CALL])]
+            ids, _ = self._encode(group)
+            self._write(ids, np.zeros(0))
+            length += ids.size
+        if self.job.append_eod:
+            self._write(np.array([self.job.eod_id]), np.zeros(0))
+            length += 1
+        self._write(np.zeros(0), np.array([length]))
 
 
 def encode_shard(job: Job) -> Dict[str, Any]:
     """Encode one shard to its scratch files; the marker (.json) is written last."""
     stem = Path(job.out_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    encoder = _encoder(job)
-    dtype = np.dtype(job.dtype)
     stats = RecordStats()
-    rejects_path = Path(f"{stem}.rejects.jsonl")
     policy = getattr(job.source.on_bad_record, "value", job.source.on_bad_record)
     t0 = time.perf_counter()
-    tokens = 0
-    hard_splits = 0
-    encode_seconds = 0.0
     with open(f"{stem}.bin.tmp", "wb") as fbin, open(f"{stem}.len.tmp", "wb") as flen, \
-            open(rejects_path, "w") if policy == "quarantine" else _null() as rejects:
-        sink = RecordSink(job.shard.source, policy, stats, rejects)
-        for texts, counts, hard in _batches(read_shard(job.shard, job.source, sink), job.batch_docs, job.split_chars):
-            hard_splits += hard
-            t_enc = time.perf_counter()
-            ids, lengths = encoder.encode(texts)
-            encode_seconds += time.perf_counter() - t_enc
-            if len(counts) != len(texts):  # fold the pieces of split documents back into one document each
-                doc_of_piece = np.repeat(np.arange(len(counts)), counts)
-                lengths = np.bincount(doc_of_piece, weights=lengths, minlength=len(counts)).astype(np.int64)
-            if ids.size and (int(ids.max()) >= job.vocab_len or int(ids.min()) < 0):
-                raise DataError(f"{job.shard.path}: token id {int(ids.max())} is outside the tokenizer's "
-                                f"{job.vocab_len} entries; the tokenizer files are inconsistent")
-            if job.append_eod:  # one EOD after each document, in a single vectorised insert
-                ids = np.insert(ids, np.cumsum(lengths), job.eod_id)
-                lengths = lengths + 1
-            fbin.write(ids.astype(dtype, copy=False).tobytes())
-            flen.write(lengths.astype(np.int32).tobytes())
-            tokens += int(lengths.sum())
+            open(f"{stem}.rejects.jsonl", "w") if policy == "quarantine" else _null() as rejects:
+        out = ShardEncoder(job, fbin, flen)
+        batch: List[str] = []
+        chars = 0
+        for text in read_shard(job.shard, job.source, RecordSink(job.shard.source, policy, stats, rejects)):
+            if len(text) > job.split_chars:
+                if batch:
+                    out.add_batch(batch)
+                    batch, chars = [], 0
+                out.add_huge(text)
+                continue
+            batch.append(text)
+            chars += len(text)
+            if len(batch) >= job.batch_docs or chars >= BATCH_CHARS:
+                out.add_batch(batch)
+                batch, chars = [], 0
+        if batch:
+            out.add_batch(batch)
     os.replace(f"{stem}.bin.tmp", f"{stem}.bin")
     os.replace(f"{stem}.len.tmp", f"{stem}.len")
-    marker = {"shard": job.shard.key(), "documents": stats.documents, "tokens": tokens, "chars": stats.chars,
-              "skipped": stats.skipped, "blank_lines": stats.blank_lines, "hard_splits": hard_splits,
-              "seconds": round(time.perf_counter() - t0, 3), "encode_seconds": round(encode_seconds, 3)}
+    marker = {"shard": job.shard.key(), "documents": stats.documents, "tokens": out.tokens, "chars": stats.chars,
+              "skipped": stats.skipped, "blank_lines": stats.blank_lines, "hard_splits": out.hard_splits,
+              "seconds": round(time.perf_counter() - t0, 3), "encode_seconds": round(out.encode_seconds, 3)}
     write_json_atomic(Path(f"{stem}.json"), marker)
     return marker
 
@@ -137,8 +162,9 @@ class _null:
 
 def _worker_init() -> None:
     # Each worker is one core's worth of encoding; no nested thread pools fighting for the cores.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF tokenizers
+    os.environ["RAYON_NUM_THREADS"] = "1"  # HF tokenizers and gigatoken
+    os.environ["FASTOKENS_BPE_THREADS"] = "1"  # fastokens sizes its own pool from this, not from rayon's
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -295,7 +321,8 @@ def tokenize_sources(sources: Dict[str, Any], tokenizer_dir: Path, prefixes: Dic
     sample = _verification_sample(shards, plain, opts.verify_docs)
     engine_name = getattr(opts.engine, "value", opts.engine)
     engine, verification = encoders.choose_engine(engine_name, tokenizer_json, opts.add_special_tokens, sample)
-    split_exact = encoders.splitting_is_exact(encoders.make_encoder("hf", tokenizer_json, False), sample)
+    # with the real add_special_tokens: a tokenizer that adds BOS/EOS per call must not be split
+    split_exact = encoders.splitting_is_exact(encoders.make_encoder("hf", tokenizer_json, opts.add_special_tokens), sample)
     log.info("tokenize: engine=%s, dtype=%s, %d shards, %d workers", engine, dtype.name,
              sum(map(len, shards.values())), opts.workers)
     jobs = {

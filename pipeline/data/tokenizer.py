@@ -79,6 +79,9 @@ def run(ctx: StageContext) -> Dict[str, Any]:
                                      unk_token=cfg.eod_token, additional_special_tokens=special[1:] or None)
         metrics["source"] = f"byte-level BPE trained on {sorted(ctx.cfg.data.sources)}"
     hf.save_pretrained(out)
+    if not (out / "special_tokens_map.json").exists():  # transformers 5 stopped writing it; 4.x loaders read it
+        (out / "special_tokens_map.json").write_text(json.dumps(
+            {k: v for k, v in hf.special_tokens_map.items() if v}, indent=2, ensure_ascii=False))
     backend = hf.backend_tokenizer
     if json.loads(backend.to_str())["model"]["type"] == "BPE":
         backend.model.save(str(out))  # vocab.json + merges.txt for Megatron's GPT2BPETokenizer
