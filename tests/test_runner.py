@@ -110,3 +110,18 @@ def test_every_experiment_config_composes():
     seeds = compose(["experiment=seeds_mix"])
     assert dict(seeds.data.mix.weights) == {"fineweb_edu": 0.85, "the_stack": 0.12, "math": 0.03}
     assert seeds.data.mix.seed == 42
+
+
+def test_default_experiment_runs_every_stage_end_to_end(tmp_path):
+    """What `make pretrain` runs, unchanged but for the run dir: the shipped corpus, 4096-entry BPE."""
+    from pipeline.data.indexed import IndexedReader
+
+    result = cli_subprocess("run", f"run_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifests = {s: json.loads((tmp_path / s / "MANIFEST.json").read_text()) for s in ("tokenizer", "tokenize", "mix")}
+    assert manifests["tokenizer"]["metrics"]["vocab_len"] == 4096
+    report = json.loads((tmp_path / "mix" / "mix_report.json").read_text())
+    assert report["weights"] == {"web": 0.85, "code": 0.12, "math": 0.03}
+    train = IndexedReader(tmp_path / "mix" / "train")
+    assert train.num_tokens == report["splits"]["train"]["tokens"] > 100_000
+    assert str(train.dtype) == "uint16"
