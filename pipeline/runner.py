@@ -142,14 +142,14 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = read_json(self.path) or {}
-                if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+                holder = read_json(self.path) or {}  # {} = its writer has not filled it in yet: live
+                if "pid" in holder and holder.get("host") == me["host"] and not _pid_alive(holder["pid"]):
                     log.warning("taking over stale lock %s from dead pid %s", self.path, holder.get("pid"))
                     self.path.unlink(missing_ok=True)
                     continue
                 raise StageError(
                     f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')}; "
-                    f"wait for it, or delete {self.path} if that process is gone")
+                    f"wait for it, or delete {self.path} if that process is gone") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             return self

@@ -3,7 +3,6 @@ import hashlib
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from conftest import SOURCES
@@ -65,8 +64,8 @@ def test_mixed_tokens_are_whole_source_documents_ending_in_eod(base_run, tmp_pat
 
 def test_by_documents_follows_probabilities_and_the_seed(base_run, tmp_path):
     a = run_mix(base_run, tmp_path / "a", by="documents", stopping="all_exhausted", seed=1)
-    b = run_mix(base_run, tmp_path / "b", by="documents", stopping="all_exhausted", seed=1)
-    c = run_mix(base_run, tmp_path / "c", by="documents", stopping="all_exhausted", seed=2)
+    run_mix(base_run, tmp_path / "b", by="documents", stopping="all_exhausted", seed=1)
+    run_mix(base_run, tmp_path / "c", by="documents", stopping="all_exhausted", seed=2)
     assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
     assert (tmp_path / "a" / "train.bin").read_bytes() != (tmp_path / "c" / "train.bin").read_bytes()
     docs = {s: v["documents"] for s, v in a["splits"]["train"]["sources"].items()}

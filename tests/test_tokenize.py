@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-from tokenizers import Tokenizer
 
 from conftest import SOURCES, cli, cli_subprocess, fast_overrides, read_bytes
 from pipeline.data import encoders

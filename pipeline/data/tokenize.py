@@ -46,8 +46,7 @@ class Job:
     vocab_len: int
     dtype: str
     batch_docs: int
-    split_chars: int
-    split_exact: bool
+    split_chars: int  # sys.maxsize when splitting is not exact for this tokenizer
     out_stem: str  # <scratch>/<source>/<shard index>: .bin, .len, .json (marker), .rejects.jsonl
 
 
@@ -328,7 +327,7 @@ def tokenize_sources(sources: Dict[str, Any], tokenizer_dir: Path, prefixes: Dic
     jobs = {
         name: [Job(shard, plain[name], str(tokenizer_json), engine, opts.add_special_tokens, opts.append_eod,
                    info["eod_id"], info["vocab_len"], dtype.name, opts.batch_docs,
-                   opts.split_chars if split_exact else sys.maxsize, split_exact,
+                   opts.split_chars if split_exact else sys.maxsize,
                    str(scratch / name / f"{shard.index:06d}"))
                for shard in src_shards]
         for name, src_shards in shards.items()
