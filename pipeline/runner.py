@@ -37,6 +37,8 @@ log = logging.getLogger("pipeline")
 MANIFEST = "MANIFEST.json"
 SCRATCH = "_scratch"  # inside a work dir: resumable state the stage keeps, dropped before publishing
 HASH_LIMIT = 64 * 1024 * 1024  # files above this are identified by size+mtime (inputs) or size (outputs)
+HASH_TOTAL_LIMIT = 1 << 30  # a stage whose inputs add up to more is identified by size+mtime throughout,
+# so a skip check on a 100 GB corpus does not read 100 GB
 
 
 class StageError(RuntimeError):
@@ -83,12 +85,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def input_identity(path: Path) -> Dict[str, Any]:
-    """Content hash of an input file, or size+mtime when it is too large to hash on every run."""
+def input_identity(path: Path, hash_content: bool = True) -> Dict[str, Any]:
+    """Content hash of an input file, or size+mtime when hashing it on every plan would be too slow."""
     st = path.stat()
-    if st.st_size > HASH_LIMIT:
-        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "how": "size+mtime (file over 64 MiB)"}
+    if not hash_content or st.st_size > HASH_LIMIT:
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "how": "size+mtime (large input)"}
     return {"sha256": sha256_file(path)}
+
+
+def input_identities(paths: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Identities of a set of inputs: content hashes while they total <= 1 GiB, size+mtime beyond."""
+    hash_content = sum(os.path.getsize(p) for p in paths) <= HASH_TOTAL_LIMIT
+    return {p: input_identity(Path(p), hash_content) for p in paths}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -188,6 +196,7 @@ class Runner:
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]  # stages are listed upstream first
         self.run_dir = run_dir_of(cfg).resolve()
+        self._identity_cache: Dict[Tuple[str, ...], Dict[str, Dict[str, Any]]] = {}
         for s in stages:
             for up in s.needs:
                 if self.order.index(up) > self.order.index(s.name):
@@ -207,8 +216,10 @@ class Runner:
             node.pop(leaf, None)
         inputs = {}
         if stage.external_inputs:
-            for p in stage.external_inputs(self.cfg):
-                inputs[p] = input_identity(Path(p))
+            paths = tuple(stage.external_inputs(self.cfg))
+            if paths not in self._identity_cache:  # stages often share their inputs
+                self._identity_cache[paths] = input_identities(paths)
+            inputs = self._identity_cache[paths]
         parts = {"code": stage.version, "config": config,
                  "upstream": {u: upstream[u] for u in stage.needs}, "inputs": inputs}
         return hashlib.sha256(canonical_json(parts).encode()).hexdigest(), parts

@@ -125,3 +125,15 @@ def test_default_experiment_runs_every_stage_end_to_end(tmp_path):
     train = IndexedReader(tmp_path / "mix" / "train")
     assert train.num_tokens == report["splits"]["train"]["tokens"] > 100_000
     assert str(train.dtype) == "uint16"
+
+
+def test_large_inputs_are_identified_by_size_and_mtime_not_reread(tmp_path, monkeypatch):
+    from pipeline import runner
+
+    files = [tmp_path / f"{i}.jsonl" for i in range(3)]
+    for f in files:
+        f.write_text("x" * 1000)
+    assert all("sha256" in v for v in runner.input_identities([str(f) for f in files]).values())
+    monkeypatch.setattr(runner, "HASH_TOTAL_LIMIT", 2500)  # as if the corpus were over 1 GiB
+    ids = runner.input_identities([str(f) for f in files])
+    assert all(set(v) == {"size", "mtime_ns", "how"} for v in ids.values())

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from pipeline.config import TokenizeConfig
 from pipeline.data.sources import DataError, list_files
 from pipeline.data.tokenize import tokenize_sources
-from pipeline.runner import canonical_json, input_identity, sha256_file
+from pipeline.runner import canonical_json, input_identities, sha256_file
 
 log = logging.getLogger("pipeline")
 
@@ -59,7 +59,7 @@ def preprocess(args: argparse.Namespace) -> None:
                for key in args.json_keys}
     # Shards left by an interrupted run are reused only if input, tokenizer and options are the same.
     key = hashlib.sha256(canonical_json({
-        "inputs": {f: input_identity(Path(f)) for f in list_files(args.input, "--input")},
+        "inputs": input_identities(list_files(args.input, "--input")),
         "tokenizer": sha256_file(tokenizer_dir / "tokenizer.json"),
         "opts": {**vars(opts), "engine": str(args.engine)}, "keys": args.json_keys,
         "policy": args.on_bad_record}).encode()).hexdigest()
