@@ -12,9 +12,18 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from types import SimpleNamespace
+
+from omegaconf import OmegaConf
+
 from conftest import SOURCES, cli, cli_subprocess, fast_overrides, read_bytes
+from pipeline.config import compose
 from pipeline.data import encoders
 from pipeline.data.indexed import IndexedReader, token_dtype
+from pipeline.data.sources import plan_shards
+from pipeline.data.tokenize import Job, encode_shard
+from pipeline.runner import Runner
+from pipeline.stages import STAGES
 
 
 def test_tokenize_output_is_the_same_bytes_for_one_and_two_workers(corpus, base_run, tmp_path):
@@ -135,3 +144,30 @@ def test_tokenizer_dir_loads_with_autotokenizer_and_as_gpt2_vocab_merges(corpus,
     assert gpt2.token_to_id("<|endoftext|>") == info["eod_id"]
     texts = [json.loads(line)["text"] for line in (corpus / "code.jsonl").read_text().splitlines()[:20]]
     assert [e.ids for e in gpt2.encode_batch(texts)] == [auto(t).input_ids for t in texts]
+
+
+def test_budget_resume_with_a_finished_shard_past_the_budget(corpus, tmp_path):
+    """A crash can leave shard 3 finished while shard 2 is not; if shards 0-1 exactly fill the
+    budget, the rerun must merge shards 0-1 only, never shard 3 in shard 2's place."""
+    run_dir = tmp_path / "run"
+    args = fast_overrides(corpus, run_dir, "data.tokenize.shard_bytes=65536", "data.tokenize.workers=1")
+    assert cli("run", *args, "--only", "tokenizer,tokenize") == 0
+    full = IndexedReader(run_dir / "tokenize" / "math")
+    # Replay the crash: shards 0, 1 and 3 finished in the partial dir, shard 2 not.
+    partial = run_dir / "tokenize.partial"
+    (partial / "_scratch" / "math").mkdir(parents=True)
+    src = SimpleNamespace(**OmegaConf.to_container(compose(args).data.sources.math, resolve=True, enum_to_str=True))
+    info = json.loads((run_dir / "tokenizer" / "pipeline_tokenizer.json").read_text())
+    shards = plan_shards("math", src, 65536)
+    assert len(shards) >= 4
+    markers = [encode_shard(Job(shard, src, str(run_dir / "tokenizer" / "tokenizer.json"), "hf", True, True,
+                                info["eod_id"], info["vocab_len"], "uint16", 512, 1_000_000,
+                                str(partial / "_scratch" / "math" / f"{shard.index:06d}")))
+               for shard in (shards[0], shards[1], shards[3])]
+    budget = markers[0]["tokens"] + markers[1]["tokens"]  # shards 0-1 exactly
+    budget_args = [*args, f"data.sources.math.max_tokens={budget}"]
+    (partial / ".fingerprint").write_text(Runner(compose(budget_args), STAGES).plan()[1].fingerprint)
+    assert cli("run", *budget_args, "--only", "tokenizer,tokenize") == 0
+    cut = IndexedReader(run_dir / "tokenize" / "math")
+    assert cut.num_tokens == budget
+    np.testing.assert_array_equal(cut.tokens, full.tokens[:budget])

@@ -272,7 +272,14 @@ def _run_jobs(jobs_by_source: Dict[str, List[Job]], budgets: Dict[str, Optional[
                             raise
     finally:
         progress.close()
-    return {s: [done[s][i] for i in sorted(done[s])] for s in jobs_by_source}
+    prefixes = {}
+    for s, jobs in jobs_by_source.items():
+        # Only the contiguous run of finished shards counts: with a budget, a shard finished before a
+        # crash can sit past one that is no longer needed, and it must not be merged out of place.
+        count = next((i for i in range(len(jobs)) if i not in done[s]), len(jobs))
+        assert budgets.get(s) is not None or count == len(jobs), f"source {s}: shard {count} never ran"
+        prefixes[s] = [done[s][i] for i in range(count)]
+    return prefixes
 
 
 def _merge(source: str, jobs: List[Job], markers: List[Dict[str, Any]], prefix: Path, dtype: np.dtype,
