@@ -77,3 +77,12 @@ def test_zero_weight_source_is_excluded(base_run, tmp_path):
     report = run_mix(base_run, tmp_path, weights={"web": 1.0, "code": 0.0, "math": 0.0})
     assert report["excluded_sources"] == ["code", "math"]
     assert set(doc_hashes(tmp_path / "train")) <= set(doc_hashes(base_run / "tokenize" / "web"))
+
+
+def test_a_weighted_source_with_no_tokens_is_an_error_naming_it(base_run, tmp_path):
+    from pipeline.data.indexed import IndexedWriter
+
+    IndexedWriter(tmp_path / "empty", IndexedReader(base_run / "tokenize" / "web").dtype).finish()
+    inputs = {"web": base_run / "tokenize" / "web", "code": tmp_path / "empty", "math": base_run / "tokenize" / "math"}
+    with pytest.raises(ValueError, match="data.mix.weights.code: source code has no tokens"):
+        mix(inputs, tmp_path / "out", mix_cfg())

@@ -141,6 +141,10 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any) -> Dict[str, Any]:
     weights = np.array([weights_cfg[n] for n in names], dtype=np.float64)
     weights /= weights.sum()
     readers = {n: IndexedReader(inputs[n]) for n in names}
+    for n, r in readers.items():
+        if r.num_tokens == 0:
+            raise ValueError(f"data.mix.weights.{n}: source {n} has no tokens (were all its records skipped?); "
+                             f"fix the source or set its weight to 0")
     dtypes = {r.dtype for r in readers.values()}
     assert len(dtypes) == 1, f"sources have different token dtypes {dtypes}"
     dtype = dtypes.pop()
