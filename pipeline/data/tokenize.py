@@ -204,7 +204,12 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.total = self.done  # shards past a token budget never run: end the bar at 100%
             self.bar.close()
+        elif self.done and self.done < self.total:  # shards past a token budget never ran: say where it ended
+            elapsed = max(time.time() - self.start, 1e-9)
+            log.info("%s: %d/%d shards (the rest past token budgets), %s docs/s, %s tokens/s", self.desc,
+                     self.done, self.total, f"{self.docs / elapsed:,.0f}", f"{self.tokens / elapsed:,.0f}")
 
 
 def _run_jobs(jobs_by_source: Dict[str, List[Job]], budgets: Dict[str, Optional[int]],
