@@ -230,6 +230,11 @@ def validate(cfg: DictConfig) -> None:
     _require(bool(t.eod_token), "tokenizer.eod_token", "an end-of-document token is required")
 
 
+def value_of(setting: Any) -> Any:
+    """A setting's plain value: an enum (from the typed config) or its string (from a plain copy)."""
+    return setting.value if isinstance(setting, enum.Enum) else setting
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / cfg.name
 
@@ -239,4 +244,4 @@ def subtree(cfg: DictConfig, key: str) -> Any:
     node = OmegaConf.select(cfg, key, throw_on_missing=False)
     if isinstance(node, DictConfig) or OmegaConf.is_list(node):
         return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-    return node.value if isinstance(node, enum.Enum) else node
+    return value_of(node)

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from pipeline.config import value_of
 from pipeline.data.indexed import IndexedReader, IndexedWriter
 from pipeline.runner import StageContext
 
@@ -148,8 +149,7 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any) -> Dict[str, Any]:
     dtypes = {r.dtype for r in readers.values()}
     assert len(dtypes) == 1, f"sources have different token dtypes {dtypes}"
     dtype = dtypes.pop()
-    by = getattr(cfg.by, "value", cfg.by)
-    stopping = getattr(cfg.stopping, "value", cfg.stopping)
+    by, stopping = value_of(cfg.by), value_of(cfg.stopping)
     available = np.array([readers[n].num_tokens for n in names], dtype=np.float64)
     # The total the stopping rule will reach, to size the validation split before mixing.
     expected_total = {"first_exhausted": float(np.min(available / weights)),

@@ -17,6 +17,8 @@ from typing import Any, Dict, Iterator, List, Optional, TextIO, Tuple
 
 import orjson
 
+from pipeline.config import value_of
+
 HF_PREFIX = "hf://"
 SUFFIX_FORMATS = [(".jsonl.gz", "jsonl"), (".ndjson.gz", "jsonl"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
                   (".json.gz", "json"), (".json", "json"), (".parquet", "parquet"),
@@ -87,7 +89,7 @@ def plan_shards(name: str, src: Any, shard_bytes: int) -> List[Shard]:
     shards: List[Shard] = []
     for path in local_files(src, key):
         fmt = source_format(path, src.format, key)
-        splittable = not path.endswith(".gz") and (fmt == "jsonl" or (fmt == "txt" and _text_unit(src) == "line"))
+        splittable = not path.endswith(".gz") and (fmt == "jsonl" or (fmt == "txt" and value_of(src.text_unit) == "line"))
         if splittable:
             size = os.path.getsize(path)
             for start in range(0, max(size, 1), shard_bytes):
@@ -98,11 +100,6 @@ def plan_shards(name: str, src: Any, shard_bytes: int) -> List[Shard]:
         else:
             shards.append(Shard(name, len(shards), path, fmt))
     return shards
-
-
-def _text_unit(src: Any) -> str:
-    unit = src.text_unit
-    return getattr(unit, "value", unit)
 
 
 def _parquet_groups(path: str, shard_bytes: int) -> List[Tuple[int, int]]:
@@ -156,6 +153,19 @@ def read_shard(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
         sink.stats.documents += 1
         sink.stats.chars += len(text)
         yield text
+
+
+def first_documents(name: str, src: Any, shards: List[Shard], max_docs: int, max_chars: int,
+                    policy: Optional[str] = None) -> Iterator[str]:
+    """The source's first documents, in shard order, until max_docs of them or max_chars in all.
+    Under the source's own bad-record policy unless another is given."""
+    stats = RecordStats()
+    sink = RecordSink(name, policy or value_of(src.on_bad_record), stats)
+    for shard in shards:
+        for text in read_shard(shard, src, sink):
+            yield text
+            if stats.documents >= max_docs or stats.chars >= max_chars:
+                return
 
 
 def _check_text(record: Any, field_name: str, where: str, raw: Any, sink: RecordSink) -> Optional[str]:
@@ -271,7 +281,7 @@ def _read_parquet(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
 
 
 def _read_txt(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
-    unit = _text_unit(src)
+    unit = value_of(src.text_unit)
     if unit == "line":
         for line_no, line in _open_lines(shard):
             body = line.rstrip(b"\r\n")

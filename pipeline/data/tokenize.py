@@ -23,9 +23,11 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from pipeline.config import value_of
 from pipeline.data import encoders
 from pipeline.data.indexed import IndexedWriter, token_dtype
-from pipeline.data.sources import DataError, RecordSink, RecordStats, Shard, local_files, plan_shards, read_shard
+from pipeline.data.sources import (DataError, RecordSink, RecordStats, Shard, first_documents, local_files,
+                                   plan_shards, read_shard)
 from pipeline.data.tokenizer import TOKENIZER_FILE, tokenizer_info
 from pipeline.runner import StageContext, write_json_atomic
 
@@ -121,7 +123,7 @@ def encode_shard(job: Job) -> Dict[str, Any]:
     stem = Path(job.out_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stats = RecordStats()
-    policy = getattr(job.source.on_bad_record, "value", job.source.on_bad_record)
+    policy = value_of(job.source.on_bad_record)
     t0 = time.perf_counter()
     with open(f"{stem}.bin.tmp", "wb") as fbin, open(f"{stem}.len.tmp", "wb") as flen, \
             open(f"{stem}.rejects.jsonl", "w") if policy == "quarantine" else _null() as rejects:
@@ -329,9 +331,11 @@ def tokenize_sources(sources: Dict[str, Any], tokenizer_dir: Path, prefixes: Dic
     tokenizer_json = tokenizer_dir / TOKENIZER_FILE
     plain = {name: _plain(src) for name, src in sources.items()}
     shards = {name: plan_shards(name, src, opts.shard_bytes) for name, src in plain.items()}
-    sample = _verification_sample(shards, plain, opts.verify_docs)
-    engine_name = getattr(opts.engine, "value", opts.engine)
-    engine, verification = encoders.choose_engine(engine_name, tokenizer_json, opts.add_special_tokens, sample)
+    # The engine check's sample: each source's first documents (bad ones skipped here; the workers
+    # apply the real policy), at most 512 KiB of each, long documents cut to their first 100k chars.
+    sample = [text[:100_000] for name, src in plain.items()
+              for text in first_documents(name, src, shards[name], opts.verify_docs, 512 * 1024, policy="skip")]
+    engine, verification = encoders.choose_engine(value_of(opts.engine), tokenizer_json, opts.add_special_tokens, sample)
     # with the real add_special_tokens: a tokenizer that adds BOS/EOS per call must not be split
     split_exact = encoders.splitting_is_exact(encoders.make_encoder("hf", tokenizer_json, opts.add_special_tokens), sample)
     log.info("tokenize: engine=%s, dtype=%s, %d shards, %d workers", engine, dtype.name,
@@ -372,23 +376,6 @@ def _plain(src: Any) -> SimpleNamespace:
     if OmegaConf.is_config(src):
         src = OmegaConf.to_container(src, resolve=True, enum_to_str=True)
     return SimpleNamespace(**src) if isinstance(src, dict) else src
-
-
-def _verification_sample(shards: Dict[str, List[Shard]], sources: Dict[str, Any], per_source: int) -> List[str]:
-    """The first documents of each source (bad records skipped here; the workers apply the policy)."""
-    sample: List[str] = []
-    for name, src_shards in shards.items():
-        sink = RecordSink(name, "skip", RecordStats())
-        taken = chars = 0
-        for shard in src_shards:
-            for text in read_shard(shard, sources[name], sink):
-                sample.append(text[:100_000])
-                taken, chars = taken + 1, chars + len(sample[-1])
-                if taken >= per_source or chars >= 512 * 1024:
-                    break
-            if taken >= per_source or chars >= 512 * 1024:
-                break
-    return sample
 
 
 # ----------------------------------------------------------------------------- the stage

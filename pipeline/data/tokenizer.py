@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
-from pipeline.data.sources import DataError, RecordSink, RecordStats, local_files, plan_shards, read_shard
+from pipeline.data.sources import DataError, first_documents, local_files, plan_shards
 from pipeline.runner import StageContext
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -17,25 +17,10 @@ INFO_FILE = "pipeline_tokenizer.json"  # {eod_id, vocab_len}: what later stages 
 
 
 def sample_texts(sources: Dict[str, Any], docs_per_source: int, bytes_per_source: int) -> Iterator[str]:
-    """The first documents of each source, in shard order, under each source's bad-record policy."""
+    """The BPE training sample: the first documents of each source (whole files as one shard each)."""
     for name, src in sources.items():
-        stats = RecordStats()
-        sink = RecordSink(name, _policy(src), stats)
-        budget = bytes_per_source
-        for shard in plan_shards(name, src, shard_bytes=1 << 62):
-            for text in read_shard(shard, src, sink):
-                yield text
-                budget -= len(text)
-                if stats.documents >= docs_per_source or budget <= 0:
-                    break
-            else:
-                continue
-            break
-
-
-def _policy(src: Any) -> str:
-    policy = src.on_bad_record
-    return getattr(policy, "value", policy)
+        yield from first_documents(name, src, plan_shards(name, src, shard_bytes=1 << 62),
+                                   docs_per_source, bytes_per_source)
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, special_tokens: List[str]):
