@@ -113,34 +113,63 @@ class TokenizerConfig:
     sample_bytes_per_source: int = 8 * 1024 * 1024  # ... and at most this many bytes of each
 
 
+class Tracker(str, enum.Enum):
+    swanlab = "swanlab"
+    wandb = "wandb"
+    tensorboard = "tensorboard"
+    none = "none"
+
+
 @dataclass
 class ModelConfig:
-    """Model shape; read by the training stages (later issues). `tiny_llama` is the CPU debug flavour."""
+    """Model shape, as an HF config. `tiny_llama` is the CPU debug flavour of every experiment."""
 
-    family: str = "llama"
+    family: str = "llama"  # llama | qwen2 | gpt2 (the HF model_type)
+    vocab_size: Optional[int] = None  # None = len(tokenizer); a larger value pads the embedding
     hidden_size: int = MISSING
     num_layers: int = MISSING
     num_attention_heads: int = MISSING
-    num_key_value_heads: Optional[int] = None
-    ffn_hidden_size: Optional[int] = None
+    num_key_value_heads: Optional[int] = None  # None = num_attention_heads (no GQA)
+    ffn_hidden_size: Optional[int] = None  # None = the family's default (4 x hidden for gpt2)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
 
 
 @dataclass
 class TrainConfig:
-    """Training settings; the train stage arrives with the training-backend issues."""
+    """Training settings; defaults follow the seeds' continued-pretraining table."""
 
-    backend: str = "hf"
+    backend: str = "hf"  # hf (Trainer + DeepSpeed); megatron arrives with its own issue
+    init: Optional[str] = None  # HF checkpoint (dir or hub name) for continued pretraining; None = from scratch
     seq_len: int = 4096
-    init: Optional[str] = None  # HF checkpoint for continued pretraining; None = from scratch
+    global_batch_tokens: int = 2 * 1024 * 1024  # tokens per optimizer step, across all ranks
+    micro_batch_size: int = 1  # sequences per rank per forward; accumulation = global / (micro x seq x world)
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # overrides epochs
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr x this (3e-4 -> 3e-5)
+    warmup_ratio: float = 0.02
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: float = 0.1  # < 1: fraction of the run's steps; >= 1: steps
+    save_every: float = 0.1  # same; checkpoints also serve resume
+    keep_checkpoints: int = 2  # newest checkpoints kept (the best by eval loss is kept too)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (configs/deepspeed/zero<N>.json)
+    offload: bool = False  # ZeRO optimizer (and, at stage 3, parameter) offload to CPU
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    tracker: Tracker = Tracker.swanlab
+    tracker_mode: str = "local"  # swanlab: local (offline, `swanlab watch <dir>`) | cloud
+    logging_steps: int = 1
+    seed: int = 42
 
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"
+    name: str = "deepspeed"  # deepspeed | torchrun: how the train stage starts its processes
     nnodes: int = 1
-    nproc_per_node: int = 1
+    nproc_per_node: int = 1  # processes (GPUs) per node; on CPU, gloo processes
 
 
 @dataclass
@@ -193,8 +222,7 @@ def _require(ok: bool, key: str, message: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules the types cannot express. Each error names its key."""
     for key in OmegaConf.missing_keys(cfg):
-        if not key.startswith(("model.",)):  # model shape is only needed by training stages
-            raise ConfigError(f"{key}: required but not set (give it in the config or as {key}=...)")
+        raise ConfigError(f"{key}: required but not set (give it in the config or as {key}=...)")
     data = cfg.data
     _require(len(data.sources) > 0, "data.sources", "no sources configured")
     for name, src in data.sources.items():
@@ -223,6 +251,7 @@ def validate(cfg: DictConfig) -> None:
     if mix.stopping == Stopping.budget:
         _require(mix.total_tokens is not None and mix.total_tokens > 0, "data.mix.total_tokens",
                  "stopping=budget needs a positive total token budget (data.mix.total_tokens=...)")
+    validate_training(cfg)
     t = cfg.tokenizer
     if t.pretrained is None:
         _require(t.vocab_size >= 256 + 1 + len(t.special_tokens), "tokenizer.vocab_size",
@@ -233,6 +262,40 @@ def validate(cfg: DictConfig) -> None:
 def value_of(setting: Any) -> Any:
     """A setting's plain value: an enum (from the typed config) or its string (from a plain copy)."""
     return setting.value if isinstance(setting, enum.Enum) else setting
+
+
+def world_size(cfg: DictConfig) -> int:
+    return cfg.launcher.nnodes * cfg.launcher.nproc_per_node
+
+
+def grad_accumulation(cfg: DictConfig) -> int:
+    """global batch tokens = micro batch x seq len x world size x accumulation; an error if it does not divide."""
+    t = cfg.train
+    per_step = t.micro_batch_size * t.seq_len * world_size(cfg)
+    _require(t.global_batch_tokens % per_step == 0, "train.global_batch_tokens",
+             f"{t.global_batch_tokens} tokens is not a multiple of micro_batch_size {t.micro_batch_size} x seq_len "
+             f"{t.seq_len} x world size {world_size(cfg)} = {per_step}; pick a global batch that divides")
+    return t.global_batch_tokens // per_step
+
+
+def validate_training(cfg: DictConfig) -> None:
+    t, m = cfg.train, cfg.model
+    _require(t.backend == "hf", "train.backend", f"'{t.backend}' is not available yet; use hf")
+    _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _require(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision",
+             f"'{t.precision}' is not one of auto, bf16, fp16, fp32")
+    _require(t.seq_len > 0 and t.micro_batch_size > 0, "train.seq_len", "seq_len and micro_batch_size must be > 0")
+    _require(t.seq_len <= m.max_position_embeddings, "train.seq_len",
+             f"{t.seq_len} is longer than model.max_position_embeddings {m.max_position_embeddings}")
+    _require(0 < t.eval_every and 0 < t.save_every, "train.eval_every", "eval_every and save_every must be > 0")
+    _require(m.family in ("llama", "qwen2", "gpt2"), "model.family", f"'{m.family}' is not one of llama, qwen2, gpt2")
+    _require(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads",
+             f"hidden_size {m.hidden_size} is not divisible by {m.num_attention_heads} heads")
+    kv = m.num_key_value_heads or m.num_attention_heads
+    _require(m.num_attention_heads % kv == 0, "model.num_key_value_heads",
+             f"{m.num_attention_heads} attention heads are not divisible by {kv} key/value heads")
+    _require(world_size(cfg) >= 1, "launcher.nproc_per_node", "world size must be >= 1")
+    grad_accumulation(cfg)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:

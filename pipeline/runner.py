@@ -63,6 +63,8 @@ class StageContext:
     work_dir: Path  # write outputs here (it becomes <run_dir>/<stage> when run() returns)
     inputs: Dict[str, Path]  # upstream stage name -> its published directory
     run_dir: Path
+    fingerprint: str = ""  # this stage's
+    upstream: Dict[str, str] = field(default_factory=dict)  # upstream stage name -> its fingerprint
 
     @property
     def scratch(self) -> Path:
@@ -303,6 +305,8 @@ class Runner:
             work_dir=partial,
             inputs={up: self.stage_dir(up) for up in stage.needs},
             run_dir=self.run_dir,
+            fingerprint=item.fingerprint,
+            upstream=item.parts["upstream"],
         )
         started = time.time()
         metrics = stage.run(ctx) or {}

@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
 SOURCES = ("web", "code", "math")
+DATA_ONLY = ("--only", "tokenizer,tokenize,mix")  # the data stages, without training
 
 
 def fast_overrides(corpus: Path, run_dir: Path, *extra: str) -> list:
@@ -48,7 +49,7 @@ def corpus(tmp_path_factory) -> Path:
 def base_run(corpus, tmp_path_factory) -> Path:
     """One complete run of every stage; tests copy it rather than redo it."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
-    assert cli("run", *fast_overrides(corpus, run_dir)) == 0
+    assert cli("run", *fast_overrides(corpus, run_dir), *DATA_ONLY) == 0
     return run_dir
 
 

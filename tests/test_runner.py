@@ -7,7 +7,7 @@ import socket
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import cli, cli_subprocess, fast_overrides
+from conftest import DATA_ONLY, cli, cli_subprocess, fast_overrides
 from pipeline.config import compose
 from pipeline.runner import RunLock, StageError
 
@@ -25,7 +25,7 @@ def run_copy(base_run, tmp_path):
 
 def test_unchanged_rerun_skips_every_stage(corpus, run_copy):
     before = finished(run_copy)
-    result = cli_subprocess("run", *fast_overrides(corpus, run_copy))
+    result = cli_subprocess("run", *fast_overrides(corpus, run_copy), *DATA_ONLY)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("skip: done") == 3
     assert finished(run_copy) == before
@@ -34,9 +34,9 @@ def test_unchanged_rerun_skips_every_stage(corpus, run_copy):
 def test_changed_weights_rerun_only_mix_and_explain_names_the_key(corpus, run_copy):
     before = finished(run_copy)
     args = fast_overrides(corpus, run_copy, "data.mix.weights.code=0.5")
-    result = cli_subprocess("run", *args, "--explain")
+    result = cli_subprocess("run", *args, *DATA_ONLY, "--explain")
     assert "config data.mix.weights.code: 0.12 -> 0.5" in result.stdout
-    assert cli("run", *args) == 0
+    assert cli("run", *args, *DATA_ONLY) == 0
     after = finished(run_copy)
     assert after["tokenizer"] == before["tokenizer"] and after["tokenize"] == before["tokenize"]
     assert after["mix"] > before["mix"]
@@ -44,9 +44,9 @@ def test_changed_weights_rerun_only_mix_and_explain_names_the_key(corpus, run_co
 
 def test_changed_tokenize_key_reruns_tokenize_and_mix_but_workers_do_not(corpus, run_copy):
     before = finished(run_copy)
-    assert cli("run", *fast_overrides(corpus, run_copy, "data.tokenize.workers=1")) == 0
+    assert cli("run", *fast_overrides(corpus, run_copy, "data.tokenize.workers=1"), *DATA_ONLY) == 0
     assert finished(run_copy) == before  # worker count changes how, not what
-    assert cli("run", *fast_overrides(corpus, run_copy, "data.tokenize.append_eod=false")) == 0
+    assert cli("run", *fast_overrides(corpus, run_copy, "data.tokenize.append_eod=false"), *DATA_ONLY) == 0
     after = finished(run_copy)
     assert after["tokenizer"] == before["tokenizer"]
     assert after["tokenize"] > before["tokenize"] and after["mix"] > before["mix"]
@@ -59,18 +59,18 @@ def test_changed_input_file_is_named_by_explain(corpus, tmp_path):
     assert cli("run", *args, "--only", "tokenizer") == 0
     with open(data / "math.jsonl", "a") as f:
         f.write(json.dumps({"text": "one more document"}) + "\n")
-    out = cli_subprocess("run", *args, "--explain").stdout
+    out = cli_subprocess("run", *args, *DATA_ONLY, "--explain").stdout
     assert f"input {data / 'math.jsonl'} changed" in out
 
 
 def test_status_json_lists_fingerprints_and_outputs(corpus, run_copy):
     result = cli_subprocess("status", *fast_overrides(corpus, run_copy), "--json")
     rows = {r["stage"]: r for r in json.loads(result.stdout)}
-    assert all(r["status"] == "done" for r in rows.values())
+    assert [r["status"] for r in rows.values()] == ["done", "done", "done", "missing"]  # not trained
     assert os.path.isfile(rows["mix"]["outputs"]["train.bin"])
     assert rows["mix"]["fingerprint"] == rows["mix"]["manifest_fingerprint"]
     stale = json.loads(cli_subprocess("status", *fast_overrides(corpus, run_copy, "data.mix.seed=7"), "--json").stdout)
-    assert [r["status"] for r in stale] == ["done", "done", "stale"]
+    assert [r["status"] for r in stale] == ["done", "done", "stale", "missing"]
 
 
 def test_force_and_only(corpus, run_copy):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cli, cli_subprocess, fast_overrides
+from conftest import DATA_ONLY, cli, cli_subprocess, fast_overrides
 from pipeline.data.indexed import IndexedReader
 
 GOOD = [f"document number {i}: some words to tokenize." for i in range(20)]
@@ -40,7 +40,7 @@ def one_source(tmp_path: Path, corpus: Path, path: Path, *extra: str) -> list:
 def test_bad_record_is_an_error_naming_file_and_line_and_nothing_is_published(corpus, tmp_path, kind, line, message):
     path = tmp_path / "bad.jsonl"
     write_jsonl(path, line, at=7)
-    result = cli_subprocess("run", *one_source(tmp_path, corpus, path))
+    result = cli_subprocess("run", *one_source(tmp_path, corpus, path), *DATA_ONLY)
     assert result.returncode == 2
     assert f"{path}:8: {message}" in result.stderr, result.stderr
     assert "on_bad_record=skip" in result.stderr

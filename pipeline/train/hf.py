@@ -1,0 +1,142 @@
+"""The `train` stage, HF backend: checks, then launches hf_entry.py on every rank and waits.
+
+Everything that can be wrong with the config or the data is checked here, before any process
+starts: the batch arithmetic (pipeline/config.py), and that model, tokenizer and data agree on the
+vocabulary. The work dir keeps its checkpoints across a crash (the stage is resumable), and
+hf_entry.py resumes from the newest complete one.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Dict, List
+
+from omegaconf import OmegaConf
+
+from pipeline.config import CONFIG_DIR, ConfigError, grad_accumulation, world_size
+from pipeline.data.indexed import IndexedReader, token_dtype
+from pipeline.data.tokenizer import tokenizer_info
+from pipeline.runner import StageContext, StageError, canonical_json
+
+log = logging.getLogger("pipeline")
+ENTRY = Path(__file__).with_name("hf_entry.py")
+
+
+def model_vocab_size(cfg, tokenizer_len: int) -> int:
+    """The embedding size: model.vocab_size, or the init checkpoint's, or len(tokenizer); never smaller."""
+    if cfg.train.init:
+        from transformers import AutoConfig
+
+        vocab, key = AutoConfig.from_pretrained(cfg.train.init).vocab_size, "train.init"
+    else:
+        vocab, key = cfg.model.vocab_size or tokenizer_len, "model.vocab_size"
+    if vocab < tokenizer_len:
+        raise ConfigError(f"{key}: the model has {vocab} embeddings but the tokenizer has {tokenizer_len} tokens; "
+                          f"ids past {vocab - 1} would index outside the embedding. Use a model with >= "
+                          f"{tokenizer_len} (or leave model.vocab_size unset)")
+    return vocab
+
+
+def deepspeed_config(train) -> Dict[str, Any]:
+    config = json.loads((CONFIG_DIR / "deepspeed" / f"zero{train.zero_stage}.json").read_text())
+    if train.offload:
+        if train.zero_stage == 0:
+            raise ConfigError("train.offload: CPU offload needs ZeRO stage 1-3 (train.zero_stage)")
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if train.zero_stage == 3:
+            config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return config
+
+
+def launch_command(launcher, job_path: Path) -> List[str]:
+    port = _free_port()
+    if launcher.name == "deepspeed":
+        exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        return [exe, "--num_gpus", str(launcher.nproc_per_node), "--master_port", str(port), str(ENTRY), str(job_path)]
+    if launcher.name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launcher.nproc_per_node),
+                "--master_port", str(port), str(ENTRY), str(job_path)]
+    raise ConfigError(f"launcher.name: '{launcher.name}' is not one of deepspeed, torchrun")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
+    """Run, copying the ranks' output byte for byte to our stderr (progress bars intact) and to log_path."""
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+        def pump():
+            while chunk := proc.stdout.read1(65536):
+                logf.write(chunk)
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        rc = proc.wait()
+        reader.join()
+    return rc
+
+
+def run(ctx: StageContext) -> Dict[str, Any]:
+    cfg = ctx.cfg
+    info = tokenizer_info(ctx.inputs["tokenizer"])
+    train_prefix, valid_prefix = ctx.inputs["mix"] / "train", ctx.inputs["mix"] / "valid"
+    data_dtype = IndexedReader(train_prefix).dtype
+    if data_dtype != token_dtype(info["vocab_len"]):
+        raise StageError(f"{train_prefix}.bin holds {data_dtype} tokens but the tokenizer has {info['vocab_len']} "
+                         f"entries; the data was not made with this tokenizer")
+    vocab_size = model_vocab_size(cfg, info["vocab_len"])
+    blocks = IndexedReader(train_prefix).num_tokens // cfg.train.seq_len
+    accumulation = grad_accumulation(cfg)
+    sequences_per_step = cfg.train.global_batch_tokens // cfg.train.seq_len
+    if blocks < sequences_per_step:
+        raise ConfigError(f"train.global_batch_tokens: one step needs {sequences_per_step} sequences of "
+                          f"{cfg.train.seq_len} but the mixed train split has only {blocks}")
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    job = {
+        "name": ctx.run_dir.name,
+        "work_dir": str(ctx.work_dir),
+        "model": plain["model"],
+        "train": plain["train"],
+        "init": cfg.train.init,
+        "tokenizer_dir": str(ctx.inputs["tokenizer"]),
+        "train_prefix": str(train_prefix),
+        "valid_prefix": str(valid_prefix),
+        "vocab_size": vocab_size,
+        "eod_id": info["eod_id"],
+        "grad_accumulation": accumulation,
+        "global_batch_tokens": cfg.train.global_batch_tokens,
+        "deepspeed": deepspeed_config(cfg.train),
+        # a checkpoint may only be resumed by a run on the same data and the same model
+        "data_fingerprint": ctx.upstream["mix"],
+        "model_fingerprint": hashlib.sha256(canonical_json(
+            {"model": plain["model"], "init": cfg.train.init, "tokenizer": ctx.upstream["tokenizer"]}).encode()).hexdigest(),
+    }
+    job_path = ctx.work_dir / "job.json"
+    job_path.write_text(json.dumps(job, indent=2))
+    # 2,048 tokens/step = 4 micro x 128 seq x 2 ranks x 2 accumulation (tiny_cpu), for example
+    log.info("train: %d ranks, micro batch %d x seq %d, accumulation %d -> %s tokens/step; %d blocks of train data",
+             world_size(cfg), cfg.train.micro_batch_size, cfg.train.seq_len, accumulation,
+             f"{cfg.train.global_batch_tokens:,}", blocks)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rc = run_logged(launch_command(cfg.launcher, job_path), ctx.work_dir / "train.log", env)
+    if rc != 0:
+        tail = (ctx.work_dir / "train.log").read_text(errors="replace").splitlines()[-25:]
+        raise StageError(f"training exited with status {rc}; rerun resumes from the last complete checkpoint. "
+                         f"Last lines of {ctx.work_dir / 'train.log'}:\n" + "\n".join(tail))
+    return json.loads((ctx.work_dir / "train_summary.json").read_text())

@@ -1,0 +1,162 @@
+"""The HF backend: block dataset, misconfigurations before compute, 2-process ZeRO-2, kill -9 resume."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli_subprocess, fast_overrides
+from pipeline.data.indexed import IndexedReader
+from pipeline.train.blocks import BlockDataset
+
+TRAIN = ("--only", "train")
+QUICK = ("train.tracker=none", "train.logging_steps=1")
+
+
+def copy_data_stages(base_run, run_dir):
+    """The base run's data stages, without any training it may have."""
+    shutil.copytree(base_run, run_dir, ignore=lambda d, names: [n for n in names if d == str(base_run)
+                                                                and n.startswith("train")])
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    return copy_data_stages(base_run, tmp_path / "run")
+
+
+def log_losses(run_dir):
+    """step -> loss from the rank-0 step log; a resumed run's later entry for a step wins."""
+    rows = [json.loads(line) for line in (run_dir / "train" / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_block_dataset_is_the_bin_tokens_in_order_across_document_boundaries(base_run):
+    prefix = base_run / "mix" / "train"
+    tokens = np.asarray(IndexedReader(prefix).tokens)
+    ds = BlockDataset(prefix, 128)
+    assert len(ds) == tokens.size // 128
+    joined = torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).numpy()
+    np.testing.assert_array_equal(joined, tokens[:len(ds) * 128])
+    eod = json.loads((base_run / "tokenizer" / "pipeline_tokenizer.json").read_text())["eod_id"]
+    inner_eods = sum(int((ds[i]["input_ids"][:-1] == eod).sum()) for i in range(len(ds)))
+    assert inner_eods > 0  # documents run across block boundaries, separated by EOD
+    assert torch.equal(ds[3]["labels"], ds[3]["input_ids"])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_same_seed_gives_the_same_block_order(base_run, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    ds = BlockDataset(base_run / "mix" / "train", 128)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+
+    def first_batch(seed):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, seed=seed, data_seed=seed,
+                                 use_cpu=True, report_to=[])
+        return next(iter(Trainer(model=model, args=args, train_dataset=ds).get_train_dataloader()))["input_ids"]
+
+    assert torch.equal(first_batch(1), first_batch(1))
+    assert not torch.equal(first_batch(1), first_batch(2))
+
+
+def make_hf_model(path, vocab):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.global_batch_tokens=3000", "train.global_batch_tokens: 3000 tokens is not a multiple of micro_batch_size 4"),
+    ("model.vocab_size=512", "model.vocab_size: the model has 512 embeddings but the tokenizer has 1024 tokens"),
+    ("train.zero_stage=5", "train.zero_stage: must be 0, 1, 2 or 3"),
+    ("model.num_key_value_heads=3", "model.num_key_value_heads: 4 attention heads are not divisible by 3"),
+    ("train.seq_len=1024", "train.seq_len: 1024 is longer than model.max_position_embeddings 512"),
+    ("train.global_batch_tokens=16777216", "one step needs 131072 sequences of 128 but the mixed train split has only"),
+    ("init", "train.init: the model has 100 embeddings but the tokenizer has 1024 tokens"),
+], ids=lambda v: v.split("=")[0] if "=" in v or v == "init" else "")
+def test_misconfiguration_is_reported_before_any_process_starts(corpus, run_copy, tmp_path, override, message):
+    if override == "init":
+        override = f"train.init={make_hf_model(tmp_path / 'small_vocab', 100)}"
+    t0 = time.time()
+    result = cli_subprocess("run", *fast_overrides(corpus, run_copy, *QUICK), override, *TRAIN)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert time.time() - t0 < 60 and "train: " not in result.stderr  # no launch
+    assert not (run_copy / "train").exists()
+
+
+def test_two_process_zero2_trains_loss_drops_and_the_hf_dir_generates(corpus, run_copy):
+    args = fast_overrides(corpus, run_copy, *QUICK, "train.max_steps=40", "train.eval_every=20", "train.save_every=20")
+    result = cli_subprocess("run", *args, *TRAIN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_copy / "train"
+    job = json.loads((out / "job.json").read_text())
+    assert job["deepspeed"]["zero_optimization"]["stage"] == 2 and job["grad_accumulation"] == 2
+    assert "Process" in (out / "train.log").read_text() and result.stderr.count("exits successfully") == 2
+    losses = log_losses(run_copy)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 40 and summary["tokens_seen"] == 40 * 2048
+    assert summary["eval_loss"] < losses[1] - 0.5, (losses[1], summary)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {"loss", "grad_norm", "learning_rate", "tokens_seen", "tokens_per_second"} <= set(rows[5])
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(out / "hf"), AutoTokenizer.from_pretrained(out / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "generation_config.json"):
+        assert (out / "hf" / name).is_file(), name
+    ids = tok("def main():", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 8
+
+
+def test_kill_9_mid_training_resumes_with_the_same_losses_as_an_uninterrupted_run(corpus, base_run, tmp_path):
+    steps = ("train.max_steps=12", "train.save_every=4", "train.eval_every=4")
+    runs = {}
+    for name in ("straight", "killed"):
+        runs[name] = copy_data_stages(base_run, tmp_path / name)
+    args = lambda run_dir: ["run", *fast_overrides(corpus, run_dir, *QUICK, *steps), *TRAIN]  # noqa: E731
+    assert cli_subprocess(*args(runs["straight"])).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args(runs["killed"])], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = runs["killed"] / "train.partial" / "checkpoints" / "checkpoint-8" / "PIPELINE_COMPLETE.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, the launcher and both ranks
+    proc.wait()
+    assert marker.exists() and not (runs["killed"] / "train").exists()
+    resumed = cli_subprocess(*args(runs["killed"]))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((runs["killed"] / "train" / "train_summary.json").read_text())["resumed_from"] == "checkpoint-8"
+    straight, killed = log_losses(runs["straight"]), log_losses(runs["killed"])
+    assert sorted(killed) == list(range(1, 13))
+    for step in range(9, 13):
+        assert killed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
+
+
+def test_a_checkpoint_for_other_data_or_model_is_refused_and_half_written_ones_ignored(tmp_path):
+    from pipeline.train.hf_entry import COMPLETE, last_complete_checkpoint
+
+    identity = {"data_fingerprint": "d1", "model_fingerprint": "m1"}
+    for step, marker in ((4, identity), (8, identity), (12, None)):  # 12: killed while saving
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if marker:
+            (tmp_path / f"checkpoint-{step}" / COMPLETE).write_text(json.dumps({"step": step, **marker}))
+    assert last_complete_checkpoint(tmp_path, identity).name == "checkpoint-8"
+    with pytest.raises(SystemExit, match="different data fingerprint"):
+        last_complete_checkpoint(tmp_path, {**identity, "data_fingerprint": "d2"})
+    with pytest.raises(SystemExit, match="different model fingerprint"):
+        last_complete_checkpoint(tmp_path, {**identity, "model_fingerprint": "m2"})
