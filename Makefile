@@ -29,7 +29,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python bench/tokenize.py $(ARGS)
+	$(BIN)/python bench/tokenize.py
+	$(BIN)/python bench/train_hf.py
+	$(BIN)/python bench/train_hf.py model.hidden_size=512 model.num_layers=4 model.ffn_hidden_size=1408 \
+	    model.num_attention_heads=8 model.num_key_value_heads=4
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -84,6 +84,7 @@ def make_hf_model(path, vocab):
     ("train.seq_len=1024", "train.seq_len: 1024 is longer than model.max_position_embeddings 512"),
     ("train.global_batch_tokens=16777216", "one step needs 131072 sequences of 128 but the mixed train split has only"),
     ("init", "train.init: the model has 100 embeddings but the tokenizer has 1024 tokens"),
+    ("train.tracker=tensorboard", "train.tracker: tensorboard is not installed; pip install tensorboard"),
 ], ids=lambda v: v.split("=")[0] if "=" in v or v == "init" else "")
 def test_misconfiguration_is_reported_before_any_process_starts(corpus, run_copy, tmp_path, override, message):
     if override == "init":

@@ -7,7 +7,6 @@ hf_entry.py resumes from the newest complete one.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -22,7 +21,7 @@ from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
-from pipeline.config import CONFIG_DIR, ConfigError, grad_accumulation, world_size
+from pipeline.config import CONFIG_DIR, ConfigError, grad_accumulation, value_of, world_size
 from pipeline.data.indexed import IndexedReader, token_dtype
 from pipeline.data.tokenizer import tokenizer_info
 from pipeline.runner import StageContext, StageError, canonical_json
@@ -44,6 +43,18 @@ def model_vocab_size(cfg, tokenizer_len: int) -> int:
                           f"ids past {vocab - 1} would index outside the embedding. Use a model with >= "
                           f"{tokenizer_len} (or leave model.vocab_size unset)")
     return vocab
+
+
+TRACKER_PACKAGES = {"swanlab": "swanlab", "wandb": "wandb", "tensorboard": "tensorboard", "none": None}
+
+
+def check_tracker(train) -> None:
+    import importlib.util
+
+    name = value_of(train.tracker)
+    package = TRACKER_PACKAGES[name]
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"train.tracker: {name} is not installed; pip install {package}, or set train.tracker=none")
 
 
 def deepspeed_config(train) -> Dict[str, Any]:
@@ -101,6 +112,7 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         raise StageError(f"{train_prefix}.bin holds {data_dtype} tokens but the tokenizer has {info['vocab_len']} "
                          f"entries; the data was not made with this tokenizer")
     vocab_size = model_vocab_size(cfg, info["vocab_len"])
+    check_tracker(cfg.train)
     blocks = IndexedReader(train_prefix).num_tokens // cfg.train.seq_len
     accumulation = grad_accumulation(cfg)
     sequences_per_step = cfg.train.global_batch_tokens // cfg.train.seq_len

@@ -54,10 +54,64 @@ def last_complete_checkpoint(ckpt_dir: Path, identity: Dict[str, str]) -> Option
     return done[-1]
 
 
+def build_model(job: Dict[str, Any]):
+    """From the init checkpoint (continued pretraining) or from the config (from scratch), seeded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(job["train"]["seed"])
+    if job["init"]:
+        return AutoModelForCausalLM.from_pretrained(job["init"], torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(model_config(job["model"], job["vocab_size"], job["eod_id"]))
+
+
+def training_arguments(job: Dict[str, Any], precision: str, cuda: bool, report_to: list):
+    """The TrainingArguments the job's settings stand for (bench/train_hf.py uses the same)."""
+    from transformers import TrainingArguments
+
+    t = job["train"]
+    return TrainingArguments(
+        output_dir=str(Path(job["work_dir"]) / "checkpoints"),
+        run_name=job["name"],
+        per_device_train_batch_size=t["micro_batch_size"],
+        per_device_eval_batch_size=t["micro_batch_size"],
+        gradient_accumulation_steps=job["grad_accumulation"],
+        num_train_epochs=t["epochs"],
+        max_steps=t["max_steps"] or -1,
+        learning_rate=t["lr"],
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": t["min_lr_ratio"]},
+        warmup_steps=t["warmup_ratio"],  # < 1 means a fraction of the run
+        weight_decay=t["weight_decay"],
+        max_grad_norm=t["grad_clip"],
+        eval_strategy="steps",
+        eval_steps=t["eval_every"],
+        save_strategy="steps",
+        save_steps=t["save_every"],
+        save_total_limit=t["keep_checkpoints"],
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=t["logging_steps"],
+        report_to=report_to,
+        seed=t["seed"],
+        data_seed=t["seed"],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        deepspeed=job["deepspeed"] or None,
+        dataloader_num_workers=0,
+        # every parameter gets a gradient in these models; the default (True) walks the autograd
+        # graph again each step: +15% step time on the tiny model (bench/train_hf.py)
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
 def main(job_path: str) -> None:
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
     from pipeline.train.blocks import BlockDataset
 
@@ -69,11 +123,7 @@ def main(job_path: str) -> None:
     precision = t["precision"] if t["precision"] != "auto" else ("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32")
     identity = {"data_fingerprint": job["data_fingerprint"], "model_fingerprint": job["model_fingerprint"]}
 
-    torch.manual_seed(t["seed"])
-    if job["init"]:
-        model = AutoModelForCausalLM.from_pretrained(job["init"], torch_dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_config(model_config(job["model"], job["vocab_size"], job["eod_id"]))
+    model = build_model(job)
     train_ds = BlockDataset(job["train_prefix"], t["seq_len"])
     valid_ds = BlockDataset(job["valid_prefix"], t["seq_len"])
     tokens_per_step = job["global_batch_tokens"]
@@ -128,40 +178,7 @@ def main(job_path: str) -> None:
 
     trackers = {"none": [], "swanlab": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"]}
     callbacks = [PipelineCallback()] + ([SwanlabCallback()] if t["tracker"] == "swanlab" else [])
-    ds_config = job["deepspeed"]
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        run_name=job["name"],
-        per_device_train_batch_size=t["micro_batch_size"],
-        per_device_eval_batch_size=t["micro_batch_size"],
-        gradient_accumulation_steps=job["grad_accumulation"],
-        num_train_epochs=t["epochs"],
-        max_steps=t["max_steps"] or -1,
-        learning_rate=t["lr"],
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": t["min_lr_ratio"]},
-        warmup_steps=t["warmup_ratio"],  # < 1 means a fraction of the run
-        weight_decay=t["weight_decay"],
-        max_grad_norm=t["grad_clip"],
-        eval_strategy="steps",
-        eval_steps=t["eval_every"],
-        save_strategy="steps",
-        save_steps=t["save_every"],
-        save_total_limit=t["keep_checkpoints"],
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=t["logging_steps"],
-        report_to=trackers[t["tracker"]],
-        seed=t["seed"],
-        data_seed=t["seed"],
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not cuda,
-        deepspeed=ds_config if ds_config else None,
-        dataloader_num_workers=0,
-        disable_tqdm=not sys.stderr.isatty(),
-    )
+    args = training_arguments(job, precision, cuda, report_to=trackers[t["tracker"]])
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, callbacks=callbacks)
     resume = last_complete_checkpoint(ckpt_dir, identity) if ckpt_dir.exists() else None
     if rank == 0 and ckpt_dir.exists():  # checkpoints a kill left half-written are never read
