@@ -125,6 +125,17 @@ def test_default_experiment_runs_every_stage_end_to_end(tmp_path):
     train = IndexedReader(tmp_path / "mix" / "train")
     assert train.num_tokens == report["splits"]["train"]["tokens"] > 100_000
     assert str(train.dtype) == "uint16"
+    # one epoch of the tiny Llama on 2 ZeRO-2 processes; the result loads and generates
+    summary = json.loads((tmp_path / "train" / "train_summary.json").read_text())
+    first_loss = json.loads((tmp_path / "train" / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+    assert summary["steps"] == train.num_tokens // 128 // 16 and summary["eval_loss"] < first_loss - 1.5
+    assert (tmp_path / "train" / "swanlog").is_dir()  # swanlab, local mode, by default
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "train" / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "train" / "hf")
+    ids = tok("The", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
 
 
 def test_large_inputs_are_identified_by_size_and_mtime_not_reread(tmp_path, monkeypatch):

@@ -161,3 +161,23 @@ def test_a_checkpoint_for_other_data_or_model_is_refused_and_half_written_ones_i
         last_complete_checkpoint(tmp_path, {**identity, "data_fingerprint": "d2"})
     with pytest.raises(SystemExit, match="different model fingerprint"):
         last_complete_checkpoint(tmp_path, {**identity, "model_fingerprint": "m2"})
+
+
+def test_continued_pretraining_starts_from_the_init_checkpoint(corpus, run_copy, tmp_path):
+    """train.init: the model is that checkpoint (its shape, not model.*'s) and, with a vanishing lr,
+    ends with its weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    init = tmp_path / "init"
+    torch.manual_seed(3)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=4)).save_pretrained(init)
+    args = fast_overrides(corpus, run_copy, *QUICK, f"train.init={init}", "train.max_steps=4", "train.lr=1e-12",
+                          "train.eval_every=4", "train.save_every=4")
+    result = cli_subprocess("run", *args, *TRAIN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = AutoModelForCausalLM.from_pretrained(run_copy / "train" / "hf")
+    assert trained.config.num_hidden_layers == 3 and trained.config.hidden_size == 32
+    original = AutoModelForCausalLM.from_pretrained(init)
+    for (name, a), (_, b) in zip(trained.state_dict().items(), original.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)

@@ -145,7 +145,8 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     log.info("train: %d ranks, micro batch %d x seq %d, accumulation %d -> %s tokens/step; %d blocks of train data",
              world_size(cfg), cfg.train.micro_batch_size, cfg.train.seq_len, accumulation,
              f"{cfg.train.global_batch_tokens:,}", blocks)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The ranks write into a pipe; tell them whether it ends on a terminal, so they draw a progress bar.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": "1" if sys.stderr.isatty() else ""}
     rc = run_logged(launch_command(cfg.launcher, job_path), ctx.work_dir / "train.log", env)
     if rc != 0:
         tail = (ctx.work_dir / "train.log").read_text(errors="replace").splitlines()[-25:]

@@ -104,7 +104,7 @@ def training_arguments(job: Dict[str, Any], precision: str, cuda: bool, report_t
         # every parameter gets a gradient in these models; the default (True) walks the autograd
         # graph again each step: +15% step time on the tiny model (bench/train_hf.py)
         ddp_find_unused_parameters=False,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=not (sys.stderr.isatty() or os.environ.get("PIPELINE_TTY")),
     )
 
 
