@@ -128,7 +128,9 @@ def test_default_experiment_runs_every_stage_end_to_end(tmp_path):
     # one epoch of the tiny Llama on 2 ZeRO-2 processes; the result loads and generates
     summary = json.loads((tmp_path / "train" / "train_summary.json").read_text())
     first_loss = json.loads((tmp_path / "train" / "train_log.jsonl").read_text().splitlines()[0])["loss"]
-    assert summary["steps"] == train.num_tokens // 128 // 16 and summary["eval_loss"] < first_loss - 1.5
+    blocks_per_step = 16  # 4 micro x 2 ranks x 2 accumulation; the Trainer rounds the last partial step up
+    assert 0 <= summary["steps"] - (train.num_tokens // 128) / blocks_per_step <= 1
+    assert summary["eval_loss"] < first_loss - 1.5
     assert (tmp_path / "train" / "swanlog").is_dir()  # swanlab, local mode, by default
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
