@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,6 +131,7 @@ def test_kill_9_mid_training_resumes_with_the_same_losses_as_an_uninterrupted_ru
     args = lambda run_dir: ["run", *fast_overrides(corpus, run_dir, *QUICK, *steps), *TRAIN]  # noqa: E731
     assert cli_subprocess(*args(runs["straight"])).returncode == 0
 
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args(runs["killed"])], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = runs["killed"] / "train.partial" / "checkpoints" / "checkpoint-8" / "PIPELINE_COMPLETE.json"
@@ -138,6 +140,10 @@ def test_kill_9_mid_training_resumes_with_the_same_losses_as_an_uninterrupted_ru
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, the launcher and both ranks
     proc.wait()
+    # a SIGKILLed driver cannot remove DeepSpeed's /dev/shm segments for its port (69 MB a rank)
+    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        if path.stat().st_mtime >= started:
+            path.unlink(missing_ok=True)
     assert marker.exists() and not (runs["killed"] / "train").exists()
     resumed = cli_subprocess(*args(runs["killed"]))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -181,3 +187,20 @@ def test_continued_pretraining_starts_from_the_init_checkpoint(corpus, run_copy,
     original = AutoModelForCausalLM.from_pretrained(init)
     for (name, a), (_, b) in zip(trained.state_dict().items(), original.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+
+
+def test_zero_stages_and_offload_train_to_the_same_loss(corpus, base_run, tmp_path):
+    """ZeRO partitions state differently, not the math: 4 steps at stage 0, 1 and 3 + CPU offload
+    (2 processes each) end at the same eval loss."""
+    losses = {}
+    for stage, offload in ((0, False), (1, False), (3, True)):
+        run_dir = copy_data_stages(base_run, tmp_path / f"zero{stage}")
+        result = cli_subprocess("run", *fast_overrides(corpus, run_dir, *QUICK, "train.max_steps=4",
+                                                       "train.eval_every=4", "train.save_every=4",
+                                                       f"train.zero_stage={stage}", f"train.offload={offload}"), *TRAIN)
+        assert result.returncode == 0, result.stderr[-3000:]
+        job = json.loads((run_dir / "train" / "job.json").read_text())
+        assert job["deepspeed"]["zero_optimization"]["stage"] == stage
+        assert ("offload_param" in job["deepspeed"]["zero_optimization"]) == offload
+        losses[stage] = json.loads((run_dir / "train" / "train_summary.json").read_text())["eval_loss"]
+    assert max(losses.values()) - min(losses.values()) < 1e-3, losses

@@ -68,8 +68,7 @@ def deepspeed_config(train) -> Dict[str, Any]:
     return config
 
 
-def launch_command(launcher, job_path: Path) -> List[str]:
-    port = _free_port()
+def launch_command(launcher, job_path: Path, port: int) -> List[str]:
     if launcher.name == "deepspeed":
         exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
         return [exe, "--num_gpus", str(launcher.nproc_per_node), "--master_port", str(port), str(ENTRY), str(job_path)]
@@ -77,6 +76,14 @@ def launch_command(launcher, job_path: Path) -> List[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launcher.nproc_per_node),
                 "--master_port", str(port), str(ENTRY), str(job_path)]
     raise ConfigError(f"launcher.name: '{launcher.name}' is not one of deepspeed, torchrun")
+
+
+def clear_shm_segments(port: int) -> None:
+    """DeepSpeed's CPU all-reduce keeps a 69 MB /dev/shm segment per rank, named after the master port,
+    and never removes it: runs would leak RAM, and a later run on the same port would open a stale
+    workspace. The port is ours, so its segments are too."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
 
 
 def _free_port() -> int:
@@ -147,7 +154,12 @@ def run(ctx: StageContext) -> Dict[str, Any]:
              f"{cfg.train.global_batch_tokens:,}", blocks)
     # The ranks write into a pipe; tell them whether it ends on a terminal, so they draw a progress bar.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": "1" if sys.stderr.isatty() else ""}
-    rc = run_logged(launch_command(cfg.launcher, job_path), ctx.work_dir / "train.log", env)
+    port = _free_port()
+    clear_shm_segments(port)
+    try:
+        rc = run_logged(launch_command(cfg.launcher, job_path, port), ctx.work_dir / "train.log", env)
+    finally:
+        clear_shm_segments(port)
     if rc != 0:
         tail = (ctx.work_dir / "train.log").read_text(errors="replace").splitlines()[-25:]
         raise StageError(f"training exited with status {rc}; rerun resumes from the last complete checkpoint. "
