@@ -114,13 +114,13 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     cfg = ctx.cfg
     info = tokenizer_info(ctx.inputs["tokenizer"])
     train_prefix, valid_prefix = ctx.inputs["mix"] / "train", ctx.inputs["mix"] / "valid"
-    data_dtype = IndexedReader(train_prefix).dtype
-    if data_dtype != token_dtype(info["vocab_len"]):
-        raise StageError(f"{train_prefix}.bin holds {data_dtype} tokens but the tokenizer has {info['vocab_len']} "
-                         f"entries; the data was not made with this tokenizer")
+    train_data = IndexedReader(train_prefix)
+    if train_data.dtype != token_dtype(info["vocab_len"]):
+        raise StageError(f"{train_prefix}.bin holds {train_data.dtype} tokens but the tokenizer has "
+                         f"{info['vocab_len']} entries; the data was not made with this tokenizer")
     vocab_size = model_vocab_size(cfg, info["vocab_len"])
     check_tracker(cfg.train)
-    blocks = IndexedReader(train_prefix).num_tokens // cfg.train.seq_len
+    blocks = train_data.num_tokens // cfg.train.seq_len
     accumulation = grad_accumulation(cfg)
     sequences_per_step = cfg.train.global_batch_tokens // cfg.train.seq_len
     if blocks < sequences_per_step:
