@@ -172,10 +172,15 @@ def _rfind_between(text: str, char: str, lo: int, hi: int) -> int:
     return -1
 
 
+def hard_cuts(text: str, cuts: List[int]) -> int:
+    """How many cuts fell at neither safe boundary (after "x\\n", before " y")."""
+    return sum(1 for c in cuts if text[c - 1] != "\n" and text[c] != " ")
+
+
 def pieces(text: str, max_chars: int) -> Tuple[List[str], int]:
     """The text cut at `split_points`, and how many of the cuts were hard (not at a safe boundary)."""
     cuts = split_points(text, max_chars)
-    hard = sum(1 for c in cuts if text[c - 1] != "\n" and text[c] != " ")
+    hard = hard_cuts(text, cuts)
     bounds = [0] + cuts + [len(text)]
     return [text[a:b] for a, b in zip(bounds, bounds[1:])], hard
 

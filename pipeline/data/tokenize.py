@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,7 +105,7 @@ class ShardEncoder:
         """Pieces cut at pre-token boundaries (exact for this tokenizer, checked up front), encoded a few
         at a time and written as they come: one document, and no more memory than its own text."""
         cuts = encoders.split_points(text, self.job.split_chars)
-        self.hard_splits += sum(1 for c in cuts if text[c - 1] != "\n" and text[c] != " ")
+        self.hard_splits += encoders.hard_cuts(text, cuts)
         bounds = [0] + cuts + [len(text)]
         length = 0
         for g in range(0, len(bounds) - 1, PIECES_PER_CALL):
@@ -126,7 +127,7 @@ def encode_shard(job: Job) -> Dict[str, Any]:
     policy = value_of(job.source.on_bad_record)
     t0 = time.perf_counter()
     with open(f"{stem}.bin.tmp", "wb") as fbin, open(f"{stem}.len.tmp", "wb") as flen, \
-            open(f"{stem}.rejects.jsonl", "w") if policy == "quarantine" else _null() as rejects:
+            open(f"{stem}.rejects.jsonl", "w") if policy == "quarantine" else nullcontext() as rejects:
         out = ShardEncoder(job, fbin, flen)
         batch: List[str] = []
         chars = 0
@@ -151,14 +152,6 @@ def encode_shard(job: Job) -> Dict[str, Any]:
               "seconds": round(time.perf_counter() - t0, 3), "encode_seconds": round(out.encode_seconds, 3)}
     write_json_atomic(Path(f"{stem}.json"), marker)
     return marker
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _worker_init() -> None:

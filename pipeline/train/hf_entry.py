@@ -177,7 +177,8 @@ def main(job_path: str) -> None:
                 self.run.finish()
 
     trackers = {"none": [], "swanlab": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"]}
-    callbacks = [PipelineCallback()] + ([SwanlabCallback()] if t["tracker"] == "swanlab" else [])
+    swan = SwanlabCallback() if t["tracker"] == "swanlab" else None
+    callbacks = [PipelineCallback()] + ([swan] if swan else [])
     args = training_arguments(job, precision, cuda, report_to=trackers[t["tracker"]])
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, callbacks=callbacks)
     resume = last_complete_checkpoint(ckpt_dir, identity) if ckpt_dir.exists() else None
@@ -187,8 +188,8 @@ def main(job_path: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = trainer.evaluate()
-    for cb in callbacks:
-        getattr(cb, "finish", lambda: None)()
+    if swan:
+        swan.finish()
     trainer.save_model(str(out / "hf"))  # the best checkpoint's weights (load_best_model_at_end)
     if rank == 0:
         for f in Path(job["tokenizer_dir"]).iterdir():  # every tokenizer file, vocab.json/merges.txt included
