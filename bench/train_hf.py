@@ -45,7 +45,7 @@ def make_job(run_dir: Path, steps: int, zero: bool, overrides: list) -> dict:
 
     from pipeline.config import compose, grad_accumulation
     from pipeline.data.tokenizer import tokenizer_info
-    from pipeline.train.hf import deepspeed_config
+    from pipeline.train.stage import deepspeed_config
 
     cfg = compose([f"run_dir={run_dir}", "launcher.nproc_per_node=1", f"train.max_steps={steps}",
                    "train.eval_every=1000000000", "train.save_every=1000000000", "train.tracker=none", *overrides])

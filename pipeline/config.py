@@ -137,12 +137,32 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
 
+class Recompute(str, enum.Enum):
+    none = "none"
+    selective = "selective"  # recompute the attention core in backward (cheap, saves the s^2 activations)
+    full = "full"  # recompute whole layers (uniform, one layer per checkpoint)
+
+
+@dataclass
+class ParallelConfig:
+    """How the megatron backend lays the model over its ranks. Not what it computes: a run resumes
+    at another layout, so these keys stay out of the train stage's fingerprint."""
+
+    tp: int = 1  # tensor-parallel size: attention heads, key/value heads and the MLP split across tp ranks
+    pp: int = 1  # pipeline stages: the layers split evenly across pp ranks
+    vpp: Optional[int] = None  # virtual stages per pipeline rank (interleaved schedule); needs pp > 1
+    sequence_parallel: bool = False  # shard norm/dropout activations along the sequence; needs tp > 1
+    distributed_optimizer: bool = True  # shard fp32 master weights and Adam state across data-parallel ranks
+    recompute: Recompute = Recompute.none  # activation recompute in backward, trading compute for memory
+
+
 @dataclass
 class TrainConfig:
     """Training settings; defaults follow the seeds' continued-pretraining table."""
 
-    backend: str = "hf"  # hf (Trainer + DeepSpeed); megatron arrives with its own issue
-    init: Optional[str] = None  # HF checkpoint (dir or hub name) for continued pretraining; None = from scratch
+    backend: str = "hf"  # hf (Trainer + DeepSpeed) | megatron (megatron-core TP/PP)
+    init: Optional[str] = None  # checkpoint to continue pretraining from; None = from scratch. hf: an HF
+    # checkpoint (dir or hub name); megatron: a Megatron torch_dist checkpoint dir (its weights only)
     seq_len: int = 4096
     global_batch_tokens: int = 2 * 1024 * 1024  # tokens per optimizer step, across all ranks
     micro_batch_size: int = 1  # sequences per rank per forward; accumulation = global / (micro x seq x world)
@@ -156,13 +176,15 @@ class TrainConfig:
     eval_every: float = 0.1  # < 1: fraction of the run's steps; >= 1: steps
     save_every: float = 0.1  # same; checkpoints also serve resume
     keep_checkpoints: int = 2  # newest checkpoints kept (the best by eval loss is kept too)
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (configs/deepspeed/zero<N>.json)
+    zero_stage: int = 2  # hf: DeepSpeed ZeRO stage 0-3 (configs/deepspeed/zero<N>.json)
     offload: bool = False  # ZeRO optimizer (and, at stage 3, parameter) offload to CPU
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     tracker: Tracker = Tracker.swanlab
     tracker_mode: str = "local"  # swanlab: local (offline, `swanlab watch <dir>`) | cloud
     logging_steps: int = 1
     seed: int = 42
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # megatron: TP/PP/VPP/SP layout
+    make_vocab_size_divisible_by: int = 128  # megatron: embedding rows padded to a multiple of this x tp
 
 
 @dataclass
@@ -268,19 +290,57 @@ def world_size(cfg: DictConfig) -> int:
     return cfg.launcher.nnodes * cfg.launcher.nproc_per_node
 
 
+def data_parallel_size(cfg: DictConfig) -> int:
+    """Model replicas: every rank for hf; world / (tp x pp) for megatron."""
+    if cfg.train.backend != "megatron":
+        return world_size(cfg)
+    return world_size(cfg) // (cfg.train.parallel.tp * cfg.train.parallel.pp)
+
+
 def grad_accumulation(cfg: DictConfig) -> int:
-    """global batch tokens = micro batch x seq len x world size x accumulation; an error if it does not divide."""
-    t = cfg.train
-    per_step = t.micro_batch_size * t.seq_len * world_size(cfg)
+    """global batch tokens = micro batch x seq len x data-parallel size x accumulation (micro batches per
+    step); an error if it does not divide."""
+    t, dp = cfg.train, data_parallel_size(cfg)
+    per_step = t.micro_batch_size * t.seq_len * dp
     _require(t.global_batch_tokens % per_step == 0, "train.global_batch_tokens",
              f"{t.global_batch_tokens} tokens is not a multiple of micro_batch_size {t.micro_batch_size} x seq_len "
-             f"{t.seq_len} x world size {world_size(cfg)} = {per_step}; pick a global batch that divides")
+             f"{t.seq_len} x data-parallel size {dp} = {per_step}; pick a global batch that divides")
     return t.global_batch_tokens // per_step
+
+
+def validate_megatron_layout(cfg: DictConfig) -> None:
+    """What megatron-core would assert deep inside its process groups, checked first, with the numbers."""
+    par, m, world = cfg.train.parallel, cfg.model, world_size(cfg)
+    _require(par.tp >= 1 and par.pp >= 1, "train.parallel.tp", "tp and pp must be >= 1")
+    _require(world % (par.tp * par.pp) == 0, "train.parallel",
+             f"world size {world} (launcher.nnodes x launcher.nproc_per_node) is not divisible by tp {par.tp} x "
+             f"pp {par.pp} = {par.tp * par.pp}")
+    kv = m.num_key_value_heads or m.num_attention_heads
+    _require(m.num_attention_heads % par.tp == 0, "train.parallel.tp",
+             f"{m.num_attention_heads} attention heads (model.num_attention_heads) are not divisible by tp {par.tp}")
+    _require(kv % par.tp == 0, "train.parallel.tp",
+             f"{kv} key/value heads (model.num_key_value_heads) are not divisible by tp {par.tp}")
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    _require(ffn % par.tp == 0, "train.parallel.tp", f"ffn_hidden_size {ffn} is not divisible by tp {par.tp}")
+    stages = par.pp * (par.vpp or 1)
+    _require(m.num_layers % stages == 0, "train.parallel.pp",
+             f"{m.num_layers} layers (model.num_layers) are not divisible by pp {par.pp} x vpp {par.vpp or 1} = "
+             f"{stages} pipeline stages")
+    if par.vpp is not None:
+        _require(par.vpp >= 2 and par.pp >= 2, "train.parallel.vpp",
+                 f"virtual stages need pp >= 2 and vpp >= 2 (got pp {par.pp}, vpp {par.vpp}); unset vpp otherwise")
+        micro = grad_accumulation(cfg)
+        _require(micro % par.pp == 0, "train.parallel.vpp",
+                 f"the interleaved schedule needs the micro batches per step ({micro}) to be a multiple of pp "
+                 f"{par.pp}; change train.global_batch_tokens or train.micro_batch_size")
+    _require(not par.sequence_parallel or par.tp > 1, "train.parallel.sequence_parallel",
+             "sequence parallelism splits along tensor-parallel ranks: it needs tp > 1")
+    _require(cfg.train.make_vocab_size_divisible_by >= 1, "train.make_vocab_size_divisible_by", "must be >= 1")
 
 
 def validate_training(cfg: DictConfig) -> None:
     t, m = cfg.train, cfg.model
-    _require(t.backend == "hf", "train.backend", f"'{t.backend}' is not available yet; use hf")
+    _require(t.backend in ("hf", "megatron"), "train.backend", f"'{t.backend}' is not one of hf, megatron")
     _require(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {t.zero_stage}")
     _require(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision",
              f"'{t.precision}' is not one of auto, bf16, fp16, fp32")
@@ -295,6 +355,8 @@ def validate_training(cfg: DictConfig) -> None:
     _require(m.num_attention_heads % kv == 0, "model.num_key_value_heads",
              f"{m.num_attention_heads} attention heads are not divisible by {kv} key/value heads")
     _require(world_size(cfg) >= 1, "launcher.nproc_per_node", "world size must be >= 1")
+    if t.backend == "megatron":
+        validate_megatron_layout(cfg)
     grad_accumulation(cfg)
 
 

@@ -1,6 +1,6 @@
 """The pipeline's stages, upstream first. Adding a stage = one module with a `run(ctx)` + one row here."""
 from pipeline.data import mix, tokenize, tokenizer
-from pipeline.train import hf as train_hf
+from pipeline.train import stage as train
 from pipeline.runner import Stage
 
 STAGES = [
@@ -9,6 +9,8 @@ STAGES = [
     Stage("tokenize", needs=("tokenizer",), reads=("data.sources", "data.tokenize"), run=tokenize.run,
           ignores=("data.tokenize.workers",), external_inputs=tokenize.external_inputs, resumable=True),
     Stage("mix", needs=("tokenize",), reads=("data.mix",), run=mix.run),
-    Stage("train", needs=("tokenizer", "mix"), reads=("model", "train", "launcher"), run=train_hf.run,
-          resumable=True),
+    # train.parallel (TP/PP/VPP/SP layout) decides how the model is split, not what it learns: a
+    # partial run resumes at another layout, a finished one is not redone
+    Stage("train", needs=("tokenizer", "mix"), reads=("model", "train", "launcher"), run=train.run,
+          ignores=("train.parallel",), resumable=True),
 ]

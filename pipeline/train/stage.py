@@ -1,15 +1,17 @@
-"""The `train` stage, HF backend: checks, then launches hf_entry.py on every rank and waits.
+"""The `train` stage: checks, then launches the backend's entry point on every rank and waits.
 
-Everything that can be wrong with the config or the data is checked here, before any process
-starts: the batch arithmetic (pipeline/config.py), and that model, tokenizer and data agree on the
-vocabulary. The work dir keeps its checkpoints across a crash (the stage is resumable), and
-hf_entry.py resumes from the newest complete one.
+Backends: `hf` (hf_entry.py: transformers.Trainer + DeepSpeed) and `megatron` (megatron_entry.py:
+megatron-core TP/PP). Everything that can be wrong with the config or the data is checked here,
+before any process starts: the batch arithmetic and parallel layout (pipeline/config.py), and that
+model, tokenizer and data agree on the vocabulary. The work dir keeps its checkpoints across a crash
+(the stage is resumable), and the entry point resumes from the newest complete one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -21,18 +23,20 @@ from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
-from pipeline.config import CONFIG_DIR, ConfigError, grad_accumulation, value_of, world_size
+from pipeline.config import CONFIG_DIR, ConfigError, data_parallel_size, grad_accumulation, value_of, world_size
 from pipeline.data.indexed import IndexedReader, token_dtype
 from pipeline.data.tokenizer import tokenizer_info
 from pipeline.runner import StageContext, StageError, canonical_json
 
 log = logging.getLogger("pipeline")
-ENTRY = Path(__file__).with_name("hf_entry.py")
+ENTRIES = {"hf": Path(__file__).with_name("hf_entry.py"), "megatron": Path(__file__).with_name("megatron_entry.py")}
 
 
 def model_vocab_size(cfg, tokenizer_len: int) -> int:
     """The embedding size: model.vocab_size, or the init checkpoint's, or len(tokenizer); never smaller."""
-    if cfg.train.init:
+    if cfg.train.init and cfg.train.backend == "megatron":
+        vocab, key = megatron_init_args(cfg)["vocab_size"], "train.init"
+    elif cfg.train.init:
         from transformers import AutoConfig
 
         vocab, key = AutoConfig.from_pretrained(cfg.train.init).vocab_size, "train.init"
@@ -68,13 +72,13 @@ def deepspeed_config(train) -> Dict[str, Any]:
     return config
 
 
-def launch_command(launcher, job_path: Path, port: int) -> List[str]:
+def launch_command(launcher, entry: Path, job_path: Path, port: int) -> List[str]:
     if launcher.name == "deepspeed":
         exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-        return [exe, "--num_gpus", str(launcher.nproc_per_node), "--master_port", str(port), str(ENTRY), str(job_path)]
+        return [exe, "--num_gpus", str(launcher.nproc_per_node), "--master_port", str(port), str(entry), str(job_path)]
     if launcher.name == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launcher.nproc_per_node),
-                "--master_port", str(port), str(ENTRY), str(job_path)]
+                "--master_port", str(port), str(entry), str(job_path)]
     raise ConfigError(f"launcher.name: '{launcher.name}' is not one of deepspeed, torchrun")
 
 
@@ -110,6 +114,62 @@ def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
     return rc
 
 
+def megatron_init_args(cfg) -> Dict[str, Any]:
+    """The args stored in a Megatron init checkpoint (train.init), read without starting any process."""
+    from pipeline.train.megatron_entry import read_checkpoint_args
+
+    try:
+        return read_checkpoint_args(Path(cfg.train.init))
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.init: {cfg.train.init} is not a Megatron checkpoint dir of this pipeline ({e}); "
+                          f"with train.backend=megatron it must hold latest_checkpointed_iteration.txt and iter_*/") from None
+
+
+def steps_of(every: float, total: int) -> int:
+    """eval_every/save_every: < 1 is a fraction of the run, >= 1 a number of steps."""
+    return max(1, round(every * total)) if every < 1 else int(every)
+
+
+def hf_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
+    return {"deepspeed": deepspeed_config(cfg.train)}
+
+
+def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
+    """Steps are counted here, as Megatron-LM does: GPTDataset samples read seq_len + 1 tokens, so an epoch
+    of N tokens is (N - 1) // seq_len sequences."""
+    from pipeline.train.megatron_entry import padded_vocab_size
+
+    t = cfg.train
+    sequences = t.global_batch_tokens // t.seq_len
+    total = t.max_steps or math.floor(t.epochs * ((data["train_tokens"] - 1) // t.seq_len) / sequences)
+    if total < 1:
+        raise ConfigError(f"train.epochs: {t.epochs} epochs of the train split is less than one step of "
+                          f"{sequences} sequences; raise train.epochs or set train.max_steps")
+    padded = padded_vocab_size(vocab_size, t.make_vocab_size_divisible_by, t.parallel.tp)
+    model = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+    if cfg.train.init:
+        stored = megatron_init_args(cfg)
+        differ = {k: (stored["model"].get(k), v) for k, v in model.items() if stored["model"].get(k) != v}
+        if differ:
+            raise ConfigError("train.init: the checkpoint's model differs from model.*: " + ", ".join(
+                f"model.{k} is {new} here, {old} there" for k, (old, new) in differ.items()))
+    return {
+        "global_batch_sequences": sequences,
+        "total_steps": total,
+        "warmup_steps": min(round(t.warmup_ratio * total), total - 1),  # megatron: warmup < decay steps
+        "valid_steps": max(data["valid_tokens"] - 1, 0) // t.seq_len // sequences,  # whole global batches only
+        "eval_every_steps": steps_of(t.eval_every, total),
+        "save_every_steps": steps_of(t.save_every, total),
+        "padded_vocab_size": padded,
+        # stored in every checkpoint, so converters and later runs know what it holds
+        "checkpoint_args": {"model": model, "vocab_size": vocab_size, "padded_vocab_size": padded,
+                            "make_vocab_size_divisible_by": t.make_vocab_size_divisible_by},
+    }
+
+
+BACKEND_JOBS = {"hf": hf_job, "megatron": megatron_job}
+
+
 def run(ctx: StageContext) -> Dict[str, Any]:
     cfg = ctx.cfg
     info = tokenizer_info(ctx.inputs["tokenizer"])
@@ -121,6 +181,7 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     vocab_size = model_vocab_size(cfg, info["vocab_len"])
     check_tracker(cfg.train)
     blocks = train_data.num_tokens // cfg.train.seq_len
+    data = {"train_tokens": train_data.num_tokens, "valid_tokens": IndexedReader(valid_prefix).num_tokens}
     accumulation = grad_accumulation(cfg)
     sequences_per_step = cfg.train.global_batch_tokens // cfg.train.seq_len
     if blocks < sequences_per_step:
@@ -140,24 +201,26 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         "eod_id": info["eod_id"],
         "grad_accumulation": accumulation,
         "global_batch_tokens": cfg.train.global_batch_tokens,
-        "deepspeed": deepspeed_config(cfg.train),
         # a checkpoint may only be resumed by a run on the same data and the same model
         "data_fingerprint": ctx.upstream["mix"],
         "model_fingerprint": hashlib.sha256(canonical_json(
             {"model": plain["model"], "init": cfg.train.init, "tokenizer": ctx.upstream["tokenizer"]}).encode()).hexdigest(),
+        **BACKEND_JOBS[cfg.train.backend](cfg, data, vocab_size),
     }
     job_path = ctx.work_dir / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
-    # 2,048 tokens/step = 4 micro x 128 seq x 2 ranks x 2 accumulation (tiny_cpu), for example
-    log.info("train: %d ranks, micro batch %d x seq %d, accumulation %d -> %s tokens/step; %d blocks of train data",
-             world_size(cfg), cfg.train.micro_batch_size, cfg.train.seq_len, accumulation,
-             f"{cfg.train.global_batch_tokens:,}", blocks)
+    # 2,048 tokens/step = 4 micro x 128 seq x 2 data-parallel ranks x 2 accumulation (tiny_cpu), for example
+    par = cfg.train.parallel
+    layout = f" (tp {par.tp} x pp {par.pp} x dp {data_parallel_size(cfg)})" if cfg.train.backend == "megatron" else ""
+    log.info("train: %s backend, %d ranks%s, micro batch %d x seq %d, accumulation %d -> %s tokens/step; "
+             "%d blocks of train data", cfg.train.backend, world_size(cfg), layout, cfg.train.micro_batch_size,
+             cfg.train.seq_len, accumulation, f"{cfg.train.global_batch_tokens:,}", blocks)
     # The ranks write into a pipe; tell them whether it ends on a terminal, so they draw a progress bar.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": "1" if sys.stderr.isatty() else ""}
     port = _free_port()
     clear_shm_segments(port)
     try:
-        rc = run_logged(launch_command(cfg.launcher, job_path, port), ctx.work_dir / "train.log", env)
+        rc = run_logged(launch_command(cfg.launcher, ENTRIES[cfg.train.backend], job_path, port), ctx.work_dir / "train.log", env)
     finally:
         clear_shm_segments(port)
     if rc != 0:
