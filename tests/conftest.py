@@ -3,6 +3,7 @@ a fast test config, and helpers that run the real CLI in-process or as a subproc
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -56,6 +57,19 @@ def base_run(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(base_run) -> Path:
     return base_run / "tokenizer"
+
+
+def copy_data_stages(base_run, run_dir):
+    """The base run's data stages, without any training it may have."""
+    shutil.copytree(base_run, run_dir, ignore=lambda d, names: [n for n in names if d == str(base_run)
+                                                                and n.startswith("train")])
+    return run_dir
+
+
+def log_losses(run_dir):
+    """step -> loss from the rank-0 step log; a resumed run's later entry for a step wins."""
+    rows = [json.loads(line) for line in (run_dir / "train" / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def read_bytes(prefix: Path) -> tuple:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_subprocess, fast_overrides
+from conftest import cli_subprocess, copy_data_stages, fast_overrides, log_losses
 from pipeline.data.indexed import IndexedReader
 from pipeline.train.blocks import BlockDataset
 
@@ -20,22 +20,9 @@ TRAIN = ("--only", "train")
 QUICK = ("train.tracker=none", "train.logging_steps=1")
 
 
-def copy_data_stages(base_run, run_dir):
-    """The base run's data stages, without any training it may have."""
-    shutil.copytree(base_run, run_dir, ignore=lambda d, names: [n for n in names if d == str(base_run)
-                                                                and n.startswith("train")])
-    return run_dir
-
-
 @pytest.fixture
 def run_copy(base_run, tmp_path):
     return copy_data_stages(base_run, tmp_path / "run")
-
-
-def log_losses(run_dir):
-    """step -> loss from the rank-0 step log; a resumed run's later entry for a step wins."""
-    rows = [json.loads(line) for line in (run_dir / "train" / "train_log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def test_block_dataset_is_the_bin_tokens_in_order_across_document_boundaries(base_run):
