@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_hf.py
 	$(BIN)/python bench/train_hf.py model.hidden_size=512 model.num_layers=4 model.ffn_hidden_size=1408 \
 	    model.num_attention_heads=8 model.num_key_value_heads=4
+	$(BIN)/python bench/train_megatron.py
 
 clean:
 	rm -rf runs outputs .pytest_cache

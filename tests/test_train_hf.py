@@ -1,7 +1,6 @@
 """The HF backend: block dataset, misconfigurations before compute, 2-process ZeRO-2, kill -9 resume."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -12,11 +12,17 @@ import pytest
 from conftest import cli, cli_subprocess, copy_data_stages, fast_overrides, log_losses
 
 TRAIN = ("--only", "train")
-MEGATRON = ("experiment=tiny_cpu_megatron", "train.tracker=none", "train.logging_steps=1")
+# 4 layers, so that PP=2 with 2 virtual stages a rank (the interleaved schedule) fits too
+MEGATRON = ("experiment=tiny_cpu_megatron", "train.tracker=none", "train.logging_steps=1", "model.num_layers=4")
 STEPS = ("train.max_steps=24", "train.save_every=8", "train.eval_every=8")
 LAYOUTS = {"tp2": ("train.parallel.tp=2", "train.parallel.pp=1"),
            "pp2": ("train.parallel.tp=1", "train.parallel.pp=2"),
-           "tp1": ("train.parallel.tp=1", "train.parallel.pp=1")}
+           "tp1": ("train.parallel.tp=1", "train.parallel.pp=1"),
+           "vpp": ("train.parallel.tp=1", "train.parallel.pp=2", "train.parallel.vpp=2"),
+           "tp2_recompute_full": ("train.parallel.tp=2", "train.parallel.pp=1", "train.parallel.recompute=full"),
+           "pp2_selective_plain_optimizer": ("train.parallel.tp=1", "train.parallel.pp=2",
+                                             "train.parallel.recompute=selective",
+                                             "train.parallel.distributed_optimizer=false")}
 
 
 def train_args(corpus, run_dir, *extra):
@@ -56,8 +62,9 @@ def test_tp2_and_pp2_train_and_loss_drops(straight, layout):
 
 
 def test_layouts_agree_on_the_same_init_and_data(corpus, base_run, straight, tmp_path):
-    """TP1 (x DP2), TP2 and PP2 start from one checkpoint (train.init) and see the same global batches:
-    their first losses agree to float rounding."""
+    """TP1 (x DP2), TP2, PP2, PP2 x VPP2, activation recompute and the plain (not distributed) optimizer
+    start from one checkpoint (train.init) and see the same global batches: their first losses agree
+    to float rounding."""
     init = straight["tp2"] / "train" / "checkpoints"
     losses = {}
     for name, layout in LAYOUTS.items():
@@ -67,7 +74,7 @@ def test_layouts_agree_on_the_same_init_and_data(corpus, base_run, straight, tmp
         assert result.returncode == 0, result.stderr[-3000:]
         losses[name] = log_losses(run_dir)
     assert losses["tp1"][1] < summary(straight["tp2"])["first_loss"] - 0.5  # it did start from the trained init
-    for name in ("tp2", "pp2"):
+    for name in set(LAYOUTS) - {"tp1"}:
         for step in (1, 2, 3):
             assert losses[name][step] == pytest.approx(losses["tp1"][step], abs=1e-5), (name, step, losses)
 
@@ -124,15 +131,38 @@ def test_kill_9_then_resume_at_the_same_or_another_layout(corpus, base_run, stra
     (("train.parallel.tp=1", "train.parallel.pp=2", "train.parallel.vpp=2", "model.num_layers=4",
       "train.global_batch_tokens=1536"),
      "train.parallel.vpp: the interleaved schedule needs the micro batches per step (3) to be a multiple of pp 2"),
-], ids=["heads", "kv_heads", "layers", "global_batch", "world", "sequence_parallel", "vpp_microbatches"])
+    (("train.parallel.sequence_parallel=true",),  # this machine has neither Transformer Engine nor apex
+     "train.parallel.sequence_parallel: needs Transformer Engine or apex norms"),
+], ids=["heads", "kv_heads", "layers", "global_batch", "world", "sequence_parallel", "vpp_microbatches", "sp_norms"])
 def test_bad_layouts_are_errors_naming_the_numbers_before_any_process_starts(corpus, run_copy, capsys, overrides,
                                                                             message):
     assert cli(*train_args(corpus, run_copy, *overrides)) == 2
     err = capsys.readouterr().err
     assert message in err, err
-    assert not (run_copy / "train").exists() and not (run_copy / "train.partial").exists()
+    assert not (run_copy / "train").exists()  # nothing published
 
 
 @pytest.fixture
 def run_copy(base_run, tmp_path):
     return copy_data_stages(base_run, tmp_path / "run")
+
+
+@pytest.mark.parametrize("family,layout,overrides,keys", [
+    ("qwen2", "tp2", ("model.tie_word_embeddings=true",), ["decoder.layers.self_attention.linear_qkv.bias"]),
+    ("gpt2", "pp2", ("model.num_key_value_heads=null", "model.ffn_hidden_size=null", "model.tie_word_embeddings=true"),
+     ["embedding.position_embeddings.weight", "decoder.layers.mlp.linear_fc1.bias"]),
+])
+def test_qwen2_and_gpt2_families_train(corpus, run_copy, family, layout, overrides, keys):
+    """Qwen2 (QKV bias, tied embeddings) at TP=2 and GPT-2 (learned positions, LayerNorm and linear biases,
+    embeddings tied across the two pipeline stages) at PP=2: they train, and the checkpoint holds
+    their tensors."""
+    from megatron.core import dist_checkpointing
+
+    result = cli_subprocess(*train_args(corpus, run_copy, f"model.family={family}", *overrides, *LAYOUTS[layout],
+                                        "train.max_steps=6", "train.save_every=6", "train.eval_every=6"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = summary(run_copy)
+    assert done["eval_loss"] < done["first_loss"], done
+    stored = dist_checkpointing.load_tensors_metadata(str(run_copy / "train" / "checkpoints" / "iter_0000006"))
+    assert set(keys) <= set(stored), sorted(stored)
+    assert ("output_layer.weight" in stored) is False  # tied: the output layer is the embedding

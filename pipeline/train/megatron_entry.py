@@ -15,7 +15,6 @@ TP/PP/DP layout resumes at another.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -99,15 +98,25 @@ def transformer_config(job: Dict[str, Any], precision: str):
     )
 
 
+def layer_spec(normalization: str):
+    """Transformer Engine's fused layers where TE and a GPU are present (Megatron-LM's default),
+    megatron-core's local layers otherwise. The local spec maps its norm names onto TE's, so both
+    save the same checkpoint keys."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if torch.cuda.is_available() and specs.HAVE_TE:
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization=normalization)
+
+
 def build_model(job: Dict[str, Any], config) -> List[torch.nn.Module]:
     """One GPTModel chunk per virtual pipeline stage of this rank, each wrapped in megatron-core's DDP."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     model, fam = job["model"], FAMILIES[job["model"]["family"]]
-    spec = get_gpt_layer_local_spec(normalization=fam["normalization"])
+    spec = layer_spec(fam["normalization"])
     vpp = job["train"]["parallel"]["vpp"]
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -152,15 +161,13 @@ def build_datasets(job: Dict[str, Any], train_samples: int, valid_samples: int):
         create_attention_mask=True,  # an explicit causal mask: megatron's default one is built on CUDA
         path_to_cache=str(Path(job["work_dir"]) / "dataset_cache"),
     )
-    # rank 0 builds the index caches first, the others then read them (what the builder expects)
-    built = lambda: True  # noqa: E731  every rank reads its own micro batches
+    # every rank reads its own micro batches; rank 0 builds the index caches first, the others then load them
+    build = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build
     if dist.get_rank() == 0:
-        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0], built,
-                                                        config).build()
+        train, valid, _ = build()
     dist.barrier()
     if dist.get_rank() != 0:
-        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0], built,
-                                                        config).build()
+        train, valid, _ = build()
     return train, valid
 
 
@@ -171,8 +178,8 @@ class MicroBatches:
     the samples step*G + m*(mbs*dp) + r*mbs + [0, mbs). The position is the step, so resume is exact.
     """
 
-    def __init__(self, dataset, step: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int):
-        self.dataset, self.step, self.global_batch = dataset, step, global_batch
+    def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp: int):
+        self.dataset, self.global_batch = dataset, global_batch
         self.micro_batch, self.dp_rank, self.dp = micro_batch, dp_rank, dp
 
     def batch(self, step: int):
@@ -180,7 +187,7 @@ class MicroBatches:
         start = step * self.global_batch + self.dp_rank * self.micro_batch
         for m in range(self.global_batch // (self.micro_batch * self.dp)):
             first = start + m * self.micro_batch * self.dp
-            samples = [self.dataset[i % len(self.dataset)] for i in range(first, first + self.micro_batch)]
+            samples = [self.dataset[i] for i in range(first, first + self.micro_batch)]
             yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
@@ -490,8 +497,8 @@ def main(job_path: str) -> None:
     num_micro = global_batch // (micro * dp)
     valid_steps = job["valid_steps"]  # 0: the valid split holds less than one global batch, no evaluation
     train_ds, valid_ds = build_datasets(job, total_steps * global_batch, valid_steps * global_batch)
-    train_batches = MicroBatches(train_ds, iteration, global_batch, micro, dp_rank, dp)
-    valid_batches = MicroBatches(valid_ds, 0, global_batch, micro, dp_rank, dp)
+    train_batches = MicroBatches(train_ds, global_batch, micro, dp_rank, dp)
+    valid_batches = MicroBatches(valid_ds, global_batch, micro, dp_rank, dp)
     tokens_per_step = global_batch * t["seq_len"]
     steplog = StepLog(job, total_steps, iteration)
 
@@ -509,37 +516,37 @@ def main(job_path: str) -> None:
         return float(total[0] / total[1])
 
     eval_every, save_every = job["eval_every_steps"], job["save_every_steps"]
-    progress = lambda: {"iteration": iteration, "layout": layout, "args": job["checkpoint_args"], **identity}  # noqa: E731
-    last_time, first_loss, eval_loss = time.time(), None, None
+    first_loss, eval_loss = None, None
     for c in model:
         c.train()
     while iteration < total_steps:
+        started = time.time()
         for c in model:
             c.zero_grad_buffer()
         optimizer.zero_grad()
         # each chunk walks the same micro batches: the schedule feeds the first (and, for labels, the last)
         total = run_batches(model, [train_batches.batch(iteration) for _ in model], num_micro, job, False)
-        ok, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
+        updated, grad_norm, _ = optimizer.step()
+        if updated:  # an fp16 overflow skips the step, and the schedule waits with it (as Megatron-LM does)
+            scheduler.step(increment=1)
         iteration += 1
         loss = float(total[0] / total[1])
         first_loss = loss if first_loss is None else first_loss
-        now = time.time()
         row = {"loss": loss, "learning_rate": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
                "tokens_seen": iteration * tokens_per_step,
-               "tokens_per_second": round(tokens_per_step / max(now - last_time, 1e-9), 1)}
-        last_time = now
+               "tokens_per_second": round(tokens_per_step / max(time.time() - started, 1e-9), 1)}
         if (iteration % eval_every == 0 or iteration == total_steps) and valid_steps:
             eval_loss = row["eval_loss"] = evaluate()
         if iteration % t["logging_steps"] == 0 or "eval_loss" in row:
             steplog.log(iteration, row)
         if iteration % save_every == 0 or iteration == total_steps:
-            save_checkpoint(ckpt_root, model, optimizer, scheduler, progress(), t["keep_checkpoints"])
-            last_time = time.time()  # saving is not step time
+            progress = {"iteration": iteration, "layout": layout, "args": job["checkpoint_args"], **identity}
+            save_checkpoint(ckpt_root, model, optimizer, scheduler, progress, t["keep_checkpoints"])
     if eval_loss is None:
         eval_loss = evaluate()
     steplog.close()
     if dist.get_rank() == 0:
+        # first_loss: of the first step this process trained (after a resume, the step after the checkpoint)
         summary = {"first_loss": first_loss, "eval_loss": eval_loss, "steps": iteration,
                    "tokens_seen": iteration * tokens_per_step, "resumed_from": resumed_from, "precision": precision,
                    "layout": layout, "checkpoint": f"checkpoints/{iteration_dir(ckpt_root, iteration).name}"}

@@ -9,6 +9,7 @@ model, tokenizer and data agree on the vocabulary. The work dir keeps its checkp
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -53,8 +54,6 @@ TRACKER_PACKAGES = {"swanlab": "swanlab", "wandb": "wandb", "tensorboard": "tens
 
 
 def check_tracker(train) -> None:
-    import importlib.util
-
     name = value_of(train.tracker)
     package = TRACKER_PACKAGES[name]
     if package and importlib.util.find_spec(package) is None:
@@ -140,6 +139,9 @@ def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
     from pipeline.train.megatron_entry import padded_vocab_size
 
     t = cfg.train
+    if t.parallel.sequence_parallel and not any(importlib.util.find_spec(m) for m in ("transformer_engine", "apex")):
+        raise ConfigError("train.parallel.sequence_parallel: needs Transformer Engine or apex norms (megatron-core's "
+                          "torch norms cannot shard along the sequence); install one, or set it to false")
     sequences = t.global_batch_tokens // t.seq_len
     total = t.max_steps or math.floor(t.epochs * ((data["train_tokens"] - 1) // t.seq_len) / sequences)
     if total < 1:
