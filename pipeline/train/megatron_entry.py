@@ -14,6 +14,7 @@ TP/PP/DP layout resumes at another.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -268,6 +269,7 @@ def latest_iteration(ckpt_root: Path) -> Optional[int]:
     return int(tracker.read_text().strip()) if tracker.is_file() else None
 
 
+@functools.lru_cache(maxsize=None)  # the stage asks for it twice before launch
 def read_checkpoint_args(ckpt_root: Path) -> Dict[str, Any]:
     """The `args` a checkpoint of this backend stores (model, vocab sizes), from its newest iteration."""
     from megatron.core import dist_checkpointing
