@@ -65,6 +65,71 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
+def key_values(pairs: List[str], allowed: dict) -> dict:
+    """`key=value` arguments (as the design's `pipeline convert src=... to=hf`), typed by `allowed`."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in allowed:
+            raise ConfigError(f"'{pair}': expected one of {', '.join(f'{k}=...' for k in allowed)}")
+        out[key] = allowed[key](value)
+    return out
+
+
+def size_bytes(text: str) -> int:
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+    suffix = text[-2:].upper()
+    return int(float(text[:-2]) * units[suffix]) if suffix in units else int(text)
+
+
+CONVERT_ARGS = {"src": Path, "dst": Path, "to": str, "tp": int, "dtype": str, "tokenizer": Path,
+                "max_shard_size": size_bytes, "make_vocab_size_divisible_by": int}
+
+
+def cmd_convert(args) -> int:
+    from pipeline.convert.convert import DTYPES, hf_to_megatron, megatron_to_hf
+    from pipeline.convert.mapping import ConversionError
+
+    kv = key_values(args.pairs, CONVERT_ARGS)
+    for key in ("src", "dst", "to"):
+        if key not in kv:
+            raise ConfigError(f"{key}: required (pipeline convert src=<dir> dst=<dir> to=hf|megatron)")
+    if kv["to"] not in ("hf", "megatron"):
+        raise ConfigError(f"to: '{kv['to']}' is not one of hf, megatron")
+    if kv.get("dtype") not in (None, *DTYPES):
+        raise ConfigError(f"dtype: '{kv['dtype']}' is not one of {', '.join(DTYPES)}")
+    if not kv["src"].is_dir():
+        raise ConfigError(f"src: {kv['src']} is not a directory")
+    try:
+        if kv["to"] == "hf":
+            result = megatron_to_hf(kv["src"], kv["dst"], kv.get("dtype"), kv.get("tokenizer"),
+                                    kv.get("max_shard_size", 5 << 30))
+        else:
+            result = hf_to_megatron(kv["src"], kv["dst"], kv.get("tp", 1), kv.get("make_vocab_size_divisible_by", 128),
+                                    kv.get("dtype"))
+    except ConversionError as e:
+        raise StageError(str(e)) from None
+    log.info("converted %s -> %s: %s", kv["src"], kv["dst"], result)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """HF (a) vs Megatron (b) logits on a fixed prompt, Megatron loaded at tp ranks under torchrun."""
+    import subprocess
+
+    kv = key_values(args.pairs, {"a": Path, "b": Path, "tp": int, "tolerance": float})
+    for key in ("a", "b"):
+        if key not in kv:
+            raise ConfigError(f"{key}: required (pipeline verify a=<hf dir> b=<megatron dir>)")
+    out = kv["b"] / "verify.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(kv.get("tp", 1)), "-m", "pipeline.convert.verify", str(kv["a"]), str(kv["b"]), str(out)]
+    if subprocess.run(cmd).returncode != 0:
+        raise StageError("verify failed; see the output above")
+    report = json.loads(out.read_text())
+    print(json.dumps(report))
+    return 0 if report["max_abs_diff"] <= kv.get("tolerance", 1e-4) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     with_overrides(status)
     status.add_argument("--json", action="store_true", help="machine-readable: status, fingerprint, outputs")
     status.set_defaults(func=cmd_status)
+
+    conv = sub.add_parser("convert", help="checkpoint HF <-> Megatron torch_dist: src=<dir> dst=<dir> to=hf|megatron "
+                                          "[tp=N dtype=fp32|bf16|fp16 tokenizer=<dir> max_shard_size=5GB]")
+    conv.add_argument("pairs", nargs="*", metavar="key=value")
+    conv.set_defaults(func=cmd_convert)
+
+    ver = sub.add_parser("verify", help="same logits? a=<hf dir> b=<megatron dir> [tp=N tolerance=1e-4]")
+    ver.add_argument("pairs", nargs="*", metavar="key=value")
+    ver.set_defaults(func=cmd_verify)
 
     pre = sub.add_parser("preprocess", help="drop-in for Megatron-LM tools/preprocess_data.py with an HF tokenizer")
     from pipeline.data.preprocess import add_arguments

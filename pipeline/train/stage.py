@@ -165,7 +165,8 @@ def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
         "padded_vocab_size": padded,
         # stored in every checkpoint, so converters and later runs know what it holds
         "checkpoint_args": {"model": model, "vocab_size": vocab_size, "padded_vocab_size": padded,
-                            "make_vocab_size_divisible_by": t.make_vocab_size_divisible_by},
+                            "make_vocab_size_divisible_by": t.make_vocab_size_divisible_by,
+                            "eod_id": data["eod_id"], "tokenizer_dir": data["tokenizer_dir"]},
     }
 
 
@@ -183,7 +184,8 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     vocab_size = model_vocab_size(cfg, info["vocab_len"])
     check_tracker(cfg.train)
     blocks = train_data.num_tokens // cfg.train.seq_len
-    data = {"train_tokens": train_data.num_tokens, "valid_tokens": IndexedReader(valid_prefix).num_tokens}
+    data = {"train_tokens": train_data.num_tokens, "valid_tokens": IndexedReader(valid_prefix).num_tokens,
+            "eod_id": info["eod_id"], "tokenizer_dir": str(ctx.inputs["tokenizer"])}
     accumulation = grad_accumulation(cfg)
     sequences_per_step = cfg.train.global_batch_tokens // cfg.train.seq_len
     if blocks < sequences_per_step:

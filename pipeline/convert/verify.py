@@ -1,0 +1,84 @@
+"""Same tokens through an HF model and a Megatron checkpoint (megatron-core GPTModel): max |logit
+difference| and top-1 agreement.
+
+    torchrun --nproc_per_node <tp> -m pipeline.convert.verify <hf_dir> <megatron_dir> <out.json>
+
+The Megatron side is loaded at TP = the number of processes (PP 1), through the megatron backend's
+own model builder and checkpoint loader; the vocab-parallel logits are gathered across TP and cut to
+the true vocabulary. Rank 0 runs the HF side on the CPU in fp32 and writes the report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+PROMPT_TOKENS = 48
+
+
+def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from pipeline.convert.convert import read_megatron_args
+    from pipeline.train import megatron_entry as me
+
+    path, args = read_megatron_args(ckpt_root)
+    tp = dist.get_world_size()
+    ps.initialize_model_parallel(tp, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    parallel = {"tp": tp, "pp": 1, "vpp": None, "sequence_parallel": False, "distributed_optimizer": False,
+                "recompute": "none"}
+    job = {"model": args["model"], "train": {"parallel": parallel}, "padded_vocab_size": args["padded_vocab_size"]}
+    model = me.build_model(job, me.transformer_config(job, "fp32"))
+    me.load_checkpoint(path, model, None, None, {})
+    model[0].eval()
+    seq = tokens.shape[1]
+    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)  # True = masked (future positions)
+    with torch.no_grad():
+        logits = model[0](tokens, torch.arange(seq).unsqueeze(0), mask)
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return logits[..., :args["vocab_size"]].float()
+
+
+def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(tokens).logits.float()
+
+
+def main(hf_dir: str, megatron_dir: str, out: str) -> None:
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(hf_dir).vocab_size
+    tokens = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    # HF first: the CPU compatibility layer below rewires torch for megatron-core, and a transformers
+    # model loaded after it gets uninitialised rotary buffers
+    ours = hf_logits(hf_dir, tokens) if int(os.environ.get("RANK", "0")) == 0 else None
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        from pipeline.train import megatron_cpu
+
+        megatron_cpu.install()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    theirs = megatron_logits(Path(megatron_dir), tokens.to("cuda" if cuda else "cpu")).cpu()
+    if dist.get_rank() == 0:
+        report = {"max_abs_diff": float((ours - theirs).abs().max()),
+                  "top1_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+                  "tokens": PROMPT_TOKENS, "tp": dist.get_world_size()}
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
