@@ -117,11 +117,11 @@ def cmd_verify(args) -> int:
     """HF (a) vs Megatron (b) logits on a fixed prompt, Megatron loaded at tp ranks under torchrun."""
     import subprocess
 
-    kv = key_values(args.pairs, {"a": Path, "b": Path, "tp": int, "tolerance": float})
+    kv = key_values(args.pairs, {"a": Path, "b": Path, "tp": int, "tolerance": float, "report": Path})
     for key in ("a", "b"):
         if key not in kv:
             raise ConfigError(f"{key}: required (pipeline verify a=<hf dir> b=<megatron dir>)")
-    out = kv["b"] / "verify.json"
+    out = kv.get("report", kv["b"] / "verify.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(kv.get("tp", 1)), "-m", "pipeline.convert.verify", str(kv["a"]), str(kv["b"]), str(out)]
     if subprocess.run(cmd).returncode != 0:
         raise StageError("verify failed; see the output above")
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("pairs", nargs="*", metavar="key=value")
     conv.set_defaults(func=cmd_convert)
 
-    ver = sub.add_parser("verify", help="same logits? a=<hf dir> b=<megatron dir> [tp=N tolerance=1e-4]")
+    ver = sub.add_parser("verify", help="same logits? a=<hf dir> b=<megatron dir> [tp=N tolerance=1e-4 report=<json>]")
     ver.add_argument("pairs", nargs="*", metavar="key=value")
     ver.set_defaults(func=cmd_verify)
 

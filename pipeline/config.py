@@ -195,6 +195,18 @@ class LauncherConfig:
 
 
 @dataclass
+class ExportConfig:
+    """After training: an HF dir always (export/hf), a Megatron torch_dist copy on request. Each is
+    checked by logits against what it was made from."""
+
+    megatron: bool = False  # also write export/megatron (torch_dist: loads at any TP/PP)
+    tp: int = 1  # the Megatron copy's embedding is padded for this TP (make_vocab_size_divisible_by x tp)
+    make_vocab_size_divisible_by: int = 128
+    dtype: Optional[str] = None  # fp32 | bf16 | fp16; None = as trained
+    tolerance: float = 1e-4  # max |logit difference| allowed by the check; raise it for bf16/fp16 exports
+
+
+@dataclass
 class Config:
     name: str = MISSING  # experiment name; the default run dir is runs/<name>
     run_dir: Optional[str] = None  # where stages write; None = runs/<name> under the current directory
@@ -204,6 +216,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def _register() -> None:
@@ -274,6 +287,9 @@ def validate(cfg: DictConfig) -> None:
         _require(mix.total_tokens is not None and mix.total_tokens > 0, "data.mix.total_tokens",
                  "stopping=budget needs a positive total token budget (data.mix.total_tokens=...)")
     validate_training(cfg)
+    _require(cfg.export.dtype in (None, "fp32", "bf16", "fp16"), "export.dtype",
+             f"'{cfg.export.dtype}' is not one of fp32, bf16, fp16 (or leave it unset)")
+    _require(cfg.export.tp >= 1, "export.tp", f"must be >= 1, got {cfg.export.tp}")
     t = cfg.tokenizer
     if t.pretrained is None:
         _require(t.vocab_size >= 256 + 1 + len(t.special_tokens), "tokenizer.vocab_size",

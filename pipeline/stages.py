@@ -1,4 +1,5 @@
 """The pipeline's stages, upstream first. Adding a stage = one module with a `run(ctx)` + one row here."""
+from pipeline.convert import stage as export
 from pipeline.data import mix, tokenize, tokenizer
 from pipeline.train import stage as train
 from pipeline.runner import Stage
@@ -11,6 +12,7 @@ STAGES = [
     Stage("mix", needs=("tokenize",), reads=("data.mix",), run=mix.run),
     # train.parallel (TP/PP/VPP/SP layout) decides how the model is split, not what it learns: a
     # partial run resumes at another layout, a finished one is not redone
-    Stage("train", needs=("tokenizer", "mix"), reads=("model", "train", "launcher"), run=train.run,
+    Stage("train", needs=("tokenizer", "mix"), reads=("model", "train", "launcher", "export.tolerance"), run=train.run,
           ignores=("train.parallel",), resumable=True),
+    Stage("export", needs=("train",), reads=("export", "train.backend"), run=export.run),
 ]

@@ -99,3 +99,64 @@ def test_bad_input_names_the_tensor_and_leaves_nothing(tmp_path, damage, message
     result = convert(f"src={src}", f"dst={dst}", "to=megatron")
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no dst, no dst.partial
+
+
+FIRST_BATCH = """
+import json, sys, torch
+from pathlib import Path
+from pipeline.convert.convert import single_process_group
+from pipeline.train import megatron_entry as me
+
+job = json.loads(Path(sys.argv[1]).read_text())
+job["work_dir"] = sys.argv[2]  # the dataset's index cache goes here, not into the run
+with single_process_group():
+    train, _ = me.build_datasets(job, job["total_steps"] * job["global_batch_sequences"], 0)
+samples = [train[i] for i in range(job["global_batch_sequences"])]
+torch.save({k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels")}, sys.argv[3])
+"""
+
+
+def test_continued_pretraining_hf_init_megatron_tp2_then_export(corpus, base_run, tmp_path):
+    """HF tiny Llama -> import (torch_dist, checked by logits) -> megatron training at TP=2 -> export to HF.
+    The first step's loss is the HF model's loss on the same global batch, and with a vanishing lr the
+    exported model is the init."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import copy_data_stages, fast_overrides, log_losses
+
+    init = tiny_hf("llama", tmp_path / "init", vocab_size=1024)
+    run_dir = copy_data_stages(base_run, tmp_path / "run")
+    result = cli_subprocess("run", *fast_overrides(corpus, run_dir, "experiment=tiny_cpu_megatron", "train.tracker=none",
+                                                   f"train.init={init}", "train.max_steps=2", "train.lr=1e-12",
+                                                   "train.save_every=2", "train.eval_every=2"),
+                            "--only", "train,export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = json.loads((run_dir / "train" / "job.json").read_text())
+    assert job["model"]["num_layers"] == 2 and job["model"]["hidden_size"] == 64  # the init's shape
+    assert job["import_verify"]["max_abs_diff"] < 1e-4
+    export = json.loads((run_dir / "export" / "MANIFEST.json").read_text())["metrics"]
+    assert export["hf_vs_trained"]["max_abs_diff"] < 1e-4
+
+    batch = tmp_path / "batch.pt"
+    subprocess.run([sys.executable, "-c", FIRST_BATCH, str(run_dir / "train" / "job.json"), str(tmp_path / "cache"),
+                    str(batch)], check=True, capture_output=True)
+    batch = torch.load(batch)
+    model = AutoModelForCausalLM.from_pretrained(init).eval()
+    with torch.no_grad():
+        logits = model(batch["tokens"]).logits
+    hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+    assert log_losses(run_dir)[1] == pytest.approx(float(hf_loss), abs=1e-4)
+
+    hf = run_dir / "export" / "hf"
+    exported = AutoModelForCausalLM.from_pretrained(hf)
+    for (name, a), (_, b) in zip(exported.state_dict().items(), model.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    tok = AutoTokenizer.from_pretrained(hf)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "generation_config.json"):
+        assert (hf / name).is_file(), name
+    ids = tok("def main():", return_tensors="pt").input_ids
+    assert exported.generate(ids, max_new_tokens=6, do_sample=False).shape[1] == ids.shape[1] + 6

@@ -35,8 +35,8 @@ ENTRIES = {"hf": Path(__file__).with_name("hf_entry.py"), "megatron": Path(__fil
 
 def model_vocab_size(cfg, tokenizer_len: int) -> int:
     """The embedding size: model.vocab_size, or the init checkpoint's, or len(tokenizer); never smaller."""
-    if cfg.train.init and cfg.train.backend == "megatron":
-        vocab, key = megatron_init_args(cfg)["vocab_size"], "train.init"
+    if cfg.train.init and cfg.train.backend == "megatron" and not is_hf_checkpoint(cfg.train.init):
+        vocab, key = megatron_init_args(cfg.train.init)["vocab_size"], "train.init"
     elif cfg.train.init:
         from transformers import AutoConfig
 
@@ -113,15 +113,19 @@ def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
     return rc
 
 
-def megatron_init_args(cfg) -> Dict[str, Any]:
+def is_hf_checkpoint(path: str) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def megatron_init_args(path: str) -> Dict[str, Any]:
     """The args stored in a Megatron init checkpoint (train.init), read without starting any process."""
     from pipeline.train.megatron_entry import read_checkpoint_args
 
     try:
-        return read_checkpoint_args(Path(cfg.train.init))
+        return read_checkpoint_args(Path(path))
     except FileNotFoundError as e:
-        raise ConfigError(f"train.init: {cfg.train.init} is not a Megatron checkpoint dir of this pipeline ({e}); "
-                          f"with train.backend=megatron it must hold latest_checkpointed_iteration.txt and iter_*/") from None
+        raise ConfigError(f"train.init: {path} is neither an HF checkpoint (config.json) nor a Megatron checkpoint "
+                          f"dir of this pipeline ({e}: latest_checkpointed_iteration.txt and iter_*/)") from None
 
 
 def steps_of(every: float, total: int) -> int:
@@ -149,13 +153,24 @@ def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
                           f"{sequences} sequences; raise train.epochs or set train.max_steps")
     padded = padded_vocab_size(vocab_size, t.make_vocab_size_divisible_by, t.parallel.tp)
     model = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
-    if cfg.train.init:
-        stored = megatron_init_args(cfg)
-        differ = {k: (stored["model"].get(k), v) for k, v in model.items() if stored["model"].get(k) != v}
-        if differ:
-            raise ConfigError("train.init: the checkpoint's model differs from model.*: " + ", ".join(
-                f"model.{k} is {new} here, {old} there" for k, (old, new) in differ.items()))
+    init, imported = t.init, {}
+    if init and is_hf_checkpoint(init):  # the import: HF -> torch_dist at this run's padding, checked by logits
+        from pipeline.convert.stage import import_hf_init
+
+        init = str(data["work_dir"] / "init_megatron")
+        imported = import_hf_init(Path(t.init), Path(init), t.parallel.tp, t.make_vocab_size_divisible_by,
+                                  cfg.export.tolerance)
+    if init:  # continued pretraining: the model is the init's (as with the HF backend), not model.*
+        stored = megatron_init_args(init)
+        model = stored["model"]
+        if stored["padded_vocab_size"] != padded:
+            raise ConfigError(f"train.init: {t.init} has a {stored['padded_vocab_size']}-row embedding, this run pads "
+                              f"{vocab_size} to {padded} (make_vocab_size_divisible_by {t.make_vocab_size_divisible_by}"
+                              f" x tp {t.parallel.tp}); convert it for this TP or set make_vocab_size_divisible_by")
     return {
+        "init": init,
+        "model": model,
+        "import_verify": imported,
         "global_batch_sequences": sequences,
         "total_steps": total,
         "warmup_steps": min(round(t.warmup_ratio * total), total - 1),  # megatron: warmup < decay steps
@@ -185,7 +200,7 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     check_tracker(cfg.train)
     blocks = train_data.num_tokens // cfg.train.seq_len
     data = {"train_tokens": train_data.num_tokens, "valid_tokens": IndexedReader(valid_prefix).num_tokens,
-            "eod_id": info["eod_id"], "tokenizer_dir": str(ctx.inputs["tokenizer"])}
+            "eod_id": info["eod_id"], "tokenizer_dir": str(ctx.inputs["tokenizer"]), "work_dir": ctx.work_dir}
     accumulation = grad_accumulation(cfg)
     sequences_per_step = cfg.train.global_batch_tokens // cfg.train.seq_len
     if blocks < sequences_per_step:

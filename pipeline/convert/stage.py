@@ -1,0 +1,70 @@
+"""The `export` stage, and the HF -> Megatron import the megatron backend runs for an HF `train.init`.
+
+Conversions run in a child process (`pipeline convert`, `pipeline verify`): on a CPU-only host they
+load megatron-core's CPU compatibility layer, which rewires torch for the whole process, and the
+runner's process should stay as it is. Every conversion is checked by `pipeline verify` (same tokens
+through transformers and megatron-core, max |logit difference|); above `export.tolerance` the stage
+fails and publishes nothing.
+
+    <run_dir>/export/hf/          safetensors, config.json, generation_config.json, every tokenizer file
+    <run_dir>/export/megatron/    (export.megatron=true) torch_dist, loads at any TP/PP
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+from pipeline.runner import StageContext, StageError
+
+
+def pipeline_cli(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageError(f"pipeline {' '.join(args)} failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
+
+
+def convert(*pairs: str) -> None:
+    pipeline_cli("convert", *pairs)
+
+
+def verify(hf_dir: Path, megatron_dir: Path, tolerance: float, report_path: Path) -> Dict[str, Any]:
+    """Logits of both sides on a fixed prompt (megatron-core at TP=1 here); an error above tolerance."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", f"a={hf_dir}", f"b={megatron_dir}",
+                           f"tolerance={tolerance}", f"report={report_path}"], capture_output=True, text=True)
+    if not report_path.is_file():
+        raise StageError(f"verify {hf_dir} against {megatron_dir} failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
+    report = json.loads(report_path.read_text())
+    if proc.returncode != 0:
+        raise StageError(f"{megatron_dir} does not reproduce {hf_dir}: max |logit difference| "
+                         f"{report['max_abs_diff']:.3g} > tolerance {tolerance}")
+    return report
+
+
+def import_hf_init(hf_dir: Path, dst: Path, tp: int, divisible_by: int, tolerance: float) -> Dict[str, Any]:
+    """An HF checkpoint as a Megatron torch_dist init for the megatron backend, checked by logits.
+    Kept across a resumed train stage (dst is inside its work dir)."""
+    if not (dst / "latest_checkpointed_iteration.txt").is_file():
+        convert(f"src={hf_dir}", f"dst={dst}", "to=megatron", f"tp={tp}", f"make_vocab_size_divisible_by={divisible_by}")
+    return verify(hf_dir, dst, tolerance, dst.with_name(dst.name + "_verify.json"))
+
+
+def run(ctx: StageContext) -> Dict[str, Any]:
+    cfg, train = ctx.cfg.export, ctx.inputs["train"]
+    out = ctx.work_dir
+    dtype: List[str] = [f"dtype={cfg.dtype}"] if cfg.dtype else []
+    metrics: Dict[str, Any] = {}
+    if ctx.cfg.train.backend == "megatron":
+        checkpoints = train / "checkpoints"
+        convert(f"src={checkpoints}", f"dst={out / 'hf'}", "to=hf", *dtype)
+        metrics["hf_vs_trained"] = verify(out / "hf", checkpoints, cfg.tolerance, out / "verify_hf.json")
+    else:  # the HF backend's train stage already wrote an HF dir with every tokenizer file
+        shutil.copytree(train / "hf", out / "hf")
+    if cfg.megatron:
+        convert(f"src={out / 'hf'}", f"dst={out / 'megatron'}", "to=megatron", f"tp={cfg.tp}",
+                f"make_vocab_size_divisible_by={cfg.make_vocab_size_divisible_by}", *dtype)
+        metrics["megatron_vs_hf"] = verify(out / "hf", out / "megatron", cfg.tolerance, out / "verify_megatron.json")
+    return metrics
