@@ -82,12 +82,12 @@ def size_bytes(text: str) -> int:
     return int(float(text[:-2]) * units[suffix]) if suffix in units else int(text)
 
 
-CONVERT_ARGS = {"src": Path, "dst": Path, "to": str, "tp": int, "dtype": str, "tokenizer": Path,
-                "max_shard_size": size_bytes, "make_vocab_size_divisible_by": int}
+CONVERT_ARGS = {"src": Path, "dst": Path, "to": str, "tp": int, "pp": int, "format": str, "dtype": str,
+                "tokenizer": Path, "max_shard_size": size_bytes, "make_vocab_size_divisible_by": int}
 
 
 def cmd_convert(args) -> int:
-    from pipeline.convert.convert import DTYPES, hf_to_megatron, megatron_to_hf
+    from pipeline.convert.convert import DTYPES, hf_to_megatron, megatron_to_hf, megatron_to_megatron
     from pipeline.convert.mapping import ConversionError
 
     kv = key_values(args.pairs, CONVERT_ARGS)
@@ -100,13 +100,18 @@ def cmd_convert(args) -> int:
         raise ConfigError(f"dtype: '{kv['dtype']}' is not one of {', '.join(DTYPES)}")
     if not kv["src"].is_dir():
         raise ConfigError(f"src: {kv['src']} is not a directory")
+    layout = {"tp": kv.get("tp", 1), "pp": kv.get("pp", 1), "fmt": kv.get("format", "torch_dist"),
+              "dtype": kv.get("dtype")}
+    from_hf = (kv["src"] / "config.json").is_file()
     try:
         if kv["to"] == "hf":
             result = megatron_to_hf(kv["src"], kv["dst"], kv.get("dtype"), kv.get("tokenizer"),
                                     kv.get("max_shard_size", 5 << 30))
-        else:
-            result = hf_to_megatron(kv["src"], kv["dst"], kv.get("tp", 1), kv.get("make_vocab_size_divisible_by", 128),
-                                    kv.get("dtype"))
+        elif from_hf:
+            result = hf_to_megatron(kv["src"], kv["dst"], make_vocab_size_divisible_by=kv.get(
+                "make_vocab_size_divisible_by", 128), **layout)
+        else:  # Megatron -> Megatron at another TP/PP or format
+            result = megatron_to_megatron(kv["src"], kv["dst"], **layout)
     except ConversionError as e:
         raise StageError(str(e)) from None
     log.info("converted %s -> %s: %s", kv["src"], kv["dst"], result)
@@ -125,8 +130,7 @@ def cmd_verify(args) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(kv.get("tp", 1)), "-m", "pipeline.convert.verify", str(kv["a"]), str(kv["b"]), str(out)]
     if subprocess.run(cmd).returncode != 0:
         raise StageError("verify failed; see the output above")
-    report = json.loads(out.read_text())
-    print(json.dumps(report))
+    report = json.loads(out.read_text())  # verify has printed it
     return 0 if report["max_abs_diff"] <= kv.get("tolerance", 1e-4) else 1
 
 
@@ -152,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable: status, fingerprint, outputs")
     status.set_defaults(func=cmd_status)
 
-    conv = sub.add_parser("convert", help="checkpoint HF <-> Megatron torch_dist: src=<dir> dst=<dir> to=hf|megatron "
-                                          "[tp=N dtype=fp32|bf16|fp16 tokenizer=<dir> max_shard_size=5GB]")
+    conv = sub.add_parser("convert", help="checkpoint HF <-> Megatron, or Megatron -> Megatron: src=<dir> dst=<dir> "
+                                          "to=hf|megatron [tp=N pp=N format=torch_dist|torch dtype=fp32|bf16|fp16 "
+                                          "tokenizer=<dir> max_shard_size=5GB make_vocab_size_divisible_by=128]")
     conv.add_argument("pairs", nargs="*", metavar="key=value")
     conv.set_defaults(func=cmd_convert)
 

@@ -40,33 +40,69 @@ def hf_tensors(path):
     return load_file(path / "model.safetensors")
 
 
+ROUND_TRIPS = """
+import json, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+from pipeline.convert.convert import hf_to_megatron, megatron_to_hf, megatron_to_megatron
+
+def main(src, out):
+    before, results = load_file(src / "model.safetensors"), {}
+    for fmt in ("torch_dist", "torch"):
+        for tp, pp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+            name = f"{fmt}_tp{tp}_pp{pp}"
+            hf_to_megatron(src, out / name, tp=tp, pp=pp, fmt=fmt)
+            megatron_to_hf(out / name, out / (name + "_hf"))
+            after = load_file(out / (name + "_hf") / "model.safetensors")
+            results[name] = sorted(k for k in after if not torch.equal(after[k], before[k]))
+    # another layout without HF: legacy TP2 x PP2 -> legacy TP1 x PP2 -> torch_dist -> HF
+    megatron_to_megatron(out / "torch_tp2_pp2", out / "relayout", tp=1, pp=2, fmt="torch")
+    megatron_to_megatron(out / "relayout", out / "relayout_dist")
+    megatron_to_hf(out / "relayout_dist", out / "relayout_hf")
+    after = load_file(out / "relayout_hf" / "model.safetensors")
+    results["relayout"] = sorted(k for k in after if not torch.equal(after[k], before[k]))
+    results["names"] = sorted(after)
+    print("RESULT " + json.dumps(results))
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_hf_to_megatron_to_hf_is_bit_exact(tmp_path, family):
-    src = tiny_hf(family, tmp_path / "hf")
-    result = convert(f"src={src}", f"dst={tmp_path / 'mg'}", "to=megatron", "tp=2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "mg" / "latest_checkpointed_iteration.txt").read_text() == "0"
-    result = convert(f"src={tmp_path / 'mg'}", f"dst={tmp_path / 'back'}", "to=hf")
-    assert result.returncode == 0, result.stderr[-3000:]
-    before, after = hf_tensors(src), hf_tensors(tmp_path / "back")
+def test_round_trips_are_bit_exact_at_every_layout_and_both_formats(tmp_path, family):
+    """HF -> Megatron -> HF at TP1PP1, TP2PP1, TP1PP2, TP2PP2 in torch_dist and legacy torch, and legacy
+    TP2PP2 -> TP1PP2 -> torch_dist -> HF without HF in between: every tensor back bit for bit (fp32)."""
+    import subprocess
+    import sys
+
+    src = tiny_hf(family, tmp_path / "hf", **({} if family == "gpt2" else {"num_hidden_layers": 4}))
+    proc = subprocess.run([sys.executable, "-c", ROUND_TRIPS, str(src), str(tmp_path)], capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stderr[-3000:]
+    results = json.loads(line[len("RESULT "):])
     tied = json.loads((src / "config.json").read_text()).get("tie_word_embeddings", family == "gpt2")
-    assert set(after) == set(before) - ({"lm_head.weight"} if tied else set())
-    for name, tensor in after.items():
-        assert torch.equal(tensor, before[name]), name
-    from transformers import AutoModelForCausalLM
-
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
-    assert type(back).__name__ == json.loads((src / "config.json").read_text())["architectures"][0]
+    assert set(results.pop("names")) == set(hf_tensors(src)) - ({"lm_head.weight"} if tied else set())
+    assert results and all(differ == [] for differ in results.values()), results
+    assert sorted(p.name for p in (tmp_path / "torch_tp2_pp2" / "iter_0000000").iterdir()) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_megatron_core_at_tp2_gives_the_hf_logits(tmp_path, family):
+@pytest.mark.parametrize("family,fmt", [("llama", "torch_dist"), ("qwen2", "torch"), ("gpt2", "torch_dist")])
+def test_megatron_core_at_tp2_gives_the_hf_logits(tmp_path, family, fmt):
+    """Loaded in megatron-core at TP=2 under torchrun (torch_dist through dist_checkpointing, legacy files
+    straight into each rank's module with strict names and shapes)."""
     src = tiny_hf(family, tmp_path / "hf")
-    assert convert(f"src={src}", f"dst={tmp_path / 'mg'}", "to=megatron", "tp=2").returncode == 0
+    assert convert(f"src={src}", f"dst={tmp_path / 'mg'}", "to=megatron", "tp=2", f"format={fmt}").returncode == 0
     result = cli_subprocess("verify", f"a={src}", f"b={tmp_path / 'mg'}", "tp=2", "tolerance=1e-4")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "mg" / "verify.json").read_text())
     assert report["tp"] == 2 and report["max_abs_diff"] < 1e-4 and report["top1_agreement"] == 1.0, report
+    from transformers import AutoModelForCausalLM
+
+    assert convert(f"src={tmp_path / 'mg'}", f"dst={tmp_path / 'back'}", "to=hf").returncode == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert type(back).__name__ == json.loads((src / "config.json").read_text())["architectures"][0]
 
 
 def drop_tensor(path, name):

@@ -1,14 +1,10 @@
-"""HF <-> Megatron (torch_dist) checkpoint conversion, one tensor at a time.
+"""Checkpoint conversion HF <-> Megatron (torch_dist or legacy torch, any TP/PP) and Megatron <->
+Megatron (another layout or format), through each family's mapping table.
 
-torch_dist stores each tensor whole (global), with the layers stacked on a leading axis
-(`decoder.layers.self_attention.linear_qkv.weight` is [num_layers, ...]), so a converted checkpoint
-loads at any TP/PP: megatron-core reshards on load. Reading takes one layer's slice of one tensor at
-a time. Both directions write into `<dst>.partial` and rename it into place only when complete, so a
-failed conversion leaves nothing at `dst`.
-
-Megatron output layout (Megatron-LM's):
-    <dst>/iter_0000000/                       torch_dist: model tensors + common state (args)
-    <dst>/latest_checkpointed_iteration.txt
+Every direction streams global tensors (megatron_io.py reads and writes the Megatron formats), writes
+into `<dst>.partial` and renames it into place only when complete: a failed conversion leaves nothing
+at `dst`. Megatron output follows Megatron-LM's layout: `<dst>/iter_0000000/` and
+`<dst>/latest_checkpointed_iteration.txt`.
 """
 from __future__ import annotations
 
@@ -24,7 +20,8 @@ import torch
 from pipeline.convert.families import FAMILIES, by_architecture
 from pipeline.convert.mapping import ConversionError, Family, Geometry, hf_names
 from pipeline.train.hf_entry import CONFIG_FIELDS, model_config
-from pipeline.train.megatron_entry import TRACKER, iteration_dir, latest_iteration, padded_vocab_size
+from pipeline.convert import megatron_io
+from pipeline.train.megatron_entry import padded_vocab_size
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json")
@@ -159,86 +156,60 @@ def write_safetensors(tensors: Iterator[Tuple[str, torch.Tensor]], dst: Path, ma
                                                                      indent=2))
 
 
-# ----------------------------------------------------------------------------- Megatron side
+# ----------------------------------------------------------------------------- conversions
 
-def layer_key(name: str) -> Tuple[str, Optional[int]]:
-    """`decoder.layers.3.x` -> (`decoder.layers.x`, 3): torch_dist stacks the layers on a leading axis."""
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "decoder" and parts[1] == "layers" and parts[2].isdigit():
-        return ".".join(parts[:2] + parts[3:]), int(parts[2])
-    return name, None
+FORMATS = ("torch_dist", "torch")
 
 
-def read_megatron_args(src: Path) -> Tuple[Path, Dict[str, Any]]:
-    from megatron.core import dist_checkpointing
+def cast(tensor: torch.Tensor, dtype: Optional[str]) -> torch.Tensor:
+    return tensor.to(DTYPES[dtype]) if dtype else tensor
 
-    latest = latest_iteration(src)
-    if latest is None:
-        raise ConversionError(f"{src}: no {TRACKER}; expected a Megatron checkpoint dir (iter_XXXXXXX/ + tracker)")
-    path = iteration_dir(src, latest)
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    if "args" not in common or "model" not in common["args"]:
-        raise ConversionError(f"{path}: no model args stored; only checkpoints of this pipeline's megatron backend "
-                              f"or `pipeline convert` are read")
-    return path, common["args"]
+
+def write_megatron(dst: Path, args: Dict[str, Any], tensors, fmt: str, tp: int, pp: int) -> None:
+    if fmt not in FORMATS:
+        raise ConversionError(f"format: '{fmt}' is not one of {', '.join(FORMATS)}")
+    with single_process_group(), publishing(dst) as out:
+        if fmt == "torch_dist":  # global tensors: any TP/PP loads it; tp only decided the vocab padding
+            megatron_io.write_torch_dist(out, args, tensors)
+        else:
+            megatron_io.write_legacy(out, args, tensors, tp, pp)
 
 
 def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer: Optional[Path] = None,
                    max_shard_size: int = 5 << 30) -> Dict[str, Any]:
-    """A torch_dist checkpoint dir -> an HF dir (safetensors, config.json, generation_config.json, tokenizer)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    """A Megatron checkpoint dir (torch_dist or legacy, any TP/PP) -> an HF dir: safetensors (sharded
+    with an index above max_shard_size), config.json, generation_config.json, every tokenizer file."""
+    from transformers import GenerationConfig
 
-    path, args = read_megatron_args(src)
+    path, args = megatron_io.read_args(src)
     model = args["model"]
     family = FAMILIES[model["family"]]
     geo = geometry(model, args["vocab_size"], args["padded_vocab_size"])
-    entries = family.expanded(model["num_layers"], model["tie_word_embeddings"])
+    mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
     with single_process_group():
-        stored = dist_checkpointing.load_tensors_metadata(str(path))
-        wanted = {layer_key(meg)[0] for _, meg, _ in entries}
-        missing = sorted(wanted - set(stored))
-        if missing:
-            raise ConversionError(f"{path}: missing tensors {missing}")
-
         def tensors():
-            # one stored key at a time (all layers of it: megatron-core's loader cannot read a slice of
-            # the layer axis in one process), converted and handed on layer by layer
-            by_key: Dict[str, list] = {}
-            for mapping, meg, hfs in entries:
-                by_key.setdefault(layer_key(meg)[0], []).append((mapping, layer_key(meg)[1], hfs))
-            for key, items in by_key.items():
-                meta = stored[key]
-                sharded = ShardedTensor.from_rank_offsets(key, torch.empty(tuple(meta.global_shape), dtype=meta.dtype),
-                                                          replica_id=0)
-                whole = dist_checkpointing.load({"t": sharded}, str(path))["t"]
-                for mapping, layer, hfs in items:
-                    for name, t in zip(hfs, mapping.to_hf(whole[layer] if layer is not None else whole, geo)):
-                        yield name, t.to(DTYPES[dtype]) if dtype else t
-                del whole
+            for meg, tensor in megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()]):
+                for name, t in zip(mappings[meg].hf, mappings[meg].to_hf(tensor, geo)):
+                    yield name, cast(t, dtype)
 
         with publishing(dst) as out:
             write_safetensors(tensors(), out, max_shard_size)
-            config = model_config({**model, "vocab_size": None}, args["vocab_size"], args.get("eod_id", 0))
+            config = model_config(model, args["vocab_size"], args.get("eod_id") or 0)
             config.architectures = [family.architectures[0]]
             if dtype:
                 config.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
             config.save_pretrained(str(out))
-            from transformers import GenerationConfig
-
             GenerationConfig.from_model_config(config).save_pretrained(str(out))
-            copied = copy_tokenizer_files(tokenizer or (Path(args["tokenizer_dir"]) if args.get("tokenizer_dir")
-                                                         else None), out)
-    return {"tensors": len(entries), "tokenizer_files": copied, "source": str(path)}
+            source_tokenizer = tokenizer or (Path(args["tokenizer_dir"]) if args.get("tokenizer_dir") else None)
+            copied = copy_tokenizer_files(source_tokenizer, out)
+    return {"tensors": len(mappings), "tokenizer_files": copied, "source": str(path)}
 
 
-def hf_to_megatron(src: Path, dst: Path, tp: int = 1, make_vocab_size_divisible_by: int = 128,
-                   dtype: Optional[str] = None, tokenizer: Optional[Path] = None) -> Dict[str, Any]:
-    """An HF dir -> a torch_dist checkpoint dir that megatron-core loads at any TP/PP; the embedding is
-    padded for `tp` (Megatron pads to a multiple of make_vocab_size_divisible_by x tp)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
+def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "torch_dist",
+                   make_vocab_size_divisible_by: int = 128, dtype: Optional[str] = None) -> Dict[str, Any]:
+    """An HF dir -> a Megatron checkpoint dir. The embedding is padded for `tp` (Megatron pads to a
+    multiple of make_vocab_size_divisible_by x tp); torch_dist then loads at any TP/PP, legacy files
+    are written for exactly tp x pp ranks."""
     config = json.loads((src / "config.json").read_text())
     family = by_architecture((config.get("architectures") or ["?"])[0])
     model = hf_model_dict(config, family)
@@ -254,19 +225,26 @@ def hf_to_megatron(src: Path, dst: Path, tp: int = 1, make_vocab_size_divisible_
     if extra or missing:
         raise ConversionError(f"{src}: tensors not in the {family.name} table: {extra[:10]}; "
                               f"tensors the table needs but the checkpoint lacks: {missing[:10]}")
-    state = {}
-    for mapping, meg, hfs in entries:
-        tensor = mapping.to_megatron([reader.get(n) for n in hfs], geo)
-        tensor = tensor.to(DTYPES[dtype]) if dtype else tensor
-        key, layer = layer_key(meg)
-        offsets = [(0, layer, model["num_layers"])] if layer is not None else []
-        state[meg] = ShardedTensor.from_rank_offsets(key, tensor, *offsets, replica_id=0,
-                                                     prepend_axis_num=1 if layer is not None else 0)
     args = {"model": model, "vocab_size": config["vocab_size"], "padded_vocab_size": padded,
             "make_vocab_size_divisible_by": make_vocab_size_divisible_by, "eod_id": config.get("eos_token_id"),
             "tokenizer_dir": str(src)}
-    with single_process_group(), publishing(dst) as out:
-        iteration_dir(out, 0).mkdir()
-        dist_checkpointing.save({"model": state, "iteration": 0, "args": args}, str(iteration_dir(out, 0)))
-        (out / TRACKER).write_text("0")
-    return {"tensors": len(entries), "padded_vocab_size": padded}
+    tensors = ((m, meg, cast(m.to_megatron([reader.get(n) for n in hfs], geo), dtype)) for m, meg, hfs in entries)
+    write_megatron(dst, args, tensors, fmt, tp, pp)
+    return {"tensors": len(entries), "padded_vocab_size": padded, "format": fmt}
+
+
+def megatron_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "torch_dist",
+                         dtype: Optional[str] = None) -> Dict[str, Any]:
+    """Another layout or format, without going through HF (the embedding keeps its padding)."""
+    path, args = megatron_io.read_args(src)
+    model = args["model"]
+    family = FAMILIES[model["family"]]
+    if fmt == "torch" and args["padded_vocab_size"] % tp:
+        raise ConversionError(f"tp={tp}: the {args['padded_vocab_size']}-row embedding does not split into {tp} "
+                              f"equal parts; convert from HF with this tp instead")
+    mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
+    with single_process_group():
+        tensors = ((mappings[meg], meg, cast(t, dtype))
+                   for meg, t in megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()]))
+        write_megatron(dst, args, tensors, fmt, tp, pp)
+    return {"tensors": len(mappings), "format": fmt, "source": str(path)}

@@ -4,8 +4,10 @@ difference| and top-1 agreement.
     torchrun --nproc_per_node <tp> -m pipeline.convert.verify <hf_dir> <megatron_dir> <out.json>
 
 The Megatron side is loaded at TP = the number of processes (PP 1), through the megatron backend's
-own model builder and checkpoint loader; the vocab-parallel logits are gathered across TP and cut to
-the true vocabulary. Rank 0 runs the HF side on the CPU in fp32 and writes the report.
+own model builder: a torch_dist checkpoint through its checkpoint loader (any layout), a legacy one
+by loading each rank's file into that rank's module with strict names and shapes (its TP must be
+the number of processes). The vocab-parallel logits are gathered across TP and cut to the true
+vocabulary. Rank 0 runs the HF side on the CPU in fp32 and writes the report.
 """
 from __future__ import annotations
 
@@ -18,16 +20,32 @@ import torch
 import torch.distributed as dist
 
 PROMPT_TOKENS = 48
+# Megatron-LM's files use Transformer Engine's names for the norms fused into the next linear layer;
+# megatron-core's local layers (the CPU path) call them as below
+LOCAL_NAMES = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+               "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+
+
+def to_module_names(shard, module):
+    """A legacy shard's names as this module's state_dict spells them."""
+    own = set(module.state_dict())
+    out = {}
+    for name, tensor in shard.items():
+        if name not in own:
+            for te, local in LOCAL_NAMES.items():
+                name = name.replace(te, local)
+        out[name] = tensor
+    return out
 
 
 def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from pipeline.convert.convert import read_megatron_args
+    from pipeline.convert.megatron_io import legacy_ranks, load_legacy, read_args
     from pipeline.train import megatron_entry as me
 
-    path, args = read_megatron_args(ckpt_root)
+    path, args = read_args(ckpt_root)
     tp = dist.get_world_size()
     ps.initialize_model_parallel(tp, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -35,7 +53,15 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
                 "recompute": "none"}
     job = {"model": args["model"], "train": {"parallel": parallel}, "padded_vocab_size": args["padded_vocab_size"]}
     model = me.build_model(job, me.transformer_config(job, "fp32"))
-    me.load_checkpoint(path, model, None, None, {})
+    ranks = legacy_ranks(path)
+    if ranks:  # a legacy file per rank: this rank's shard goes straight into the module, names checked
+        if set(ranks) != {(t, 0) for t in range(tp)}:
+            raise SystemExit(f"{path} is a legacy checkpoint for {len(ranks)} ranks; verify it with tp = its TP "
+                             f"size and pp 1, or convert it to torch_dist first")
+        shard = load_legacy(ranks[(ps.get_tensor_model_parallel_rank(), 0)])["model"]
+        model[0].module.load_state_dict(to_module_names(shard, model[0].module), strict=True)
+    else:
+        me.load_checkpoint(path, model, None, None, {})
     model[0].eval()
     seq = tokens.shape[1]
     mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)  # True = masked (future positions)
