@@ -12,13 +12,14 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from pipeline.convert.families import FAMILIES, by_architecture
-from pipeline.convert.mapping import ConversionError, Family, Geometry, hf_names
+from pipeline.convert.mapping import ConversionError, Family, Geometry, Mapping, hf_names
 from pipeline.train.hf_entry import CONFIG_FIELDS, model_config
 from pipeline.convert import megatron_io
 from pipeline.train.megatron_entry import padded_vocab_size
@@ -126,34 +127,64 @@ class HFReader:
         return self.handles[self.where[name]].get_tensor(name)
 
 
-def write_safetensors(tensors: Iterator[Tuple[str, torch.Tensor]], dst: Path, max_shard_bytes: int) -> None:
-    """Shards of at most max_shard_bytes, written as they fill, plus the index when there is more than one."""
-    from safetensors.torch import save_file
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                      torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
-    shards, current, size = [], {}, 0
 
-    def flush():
-        if current:
-            shards.append(dict(current))
-            save_file(current, str(dst / f"shard-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
-            current.clear()
+class SafetensorsWriter:
+    """HF safetensors shards written tensor by tensor, so memory holds one tensor, not a shard.
 
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush()
-            size = 0
-        current[name], size = t.contiguous(), size + nbytes
-    flush()
-    total = len(shards)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        final = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
-        os.replace(dst / f"shard-{i:05d}.safetensors", dst / final)
-        weight_map.update({name: final for name in shard})
-    if total > 1:
-        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                     indent=2))
+    Written by hand because safetensors' own `save_file` takes a whole shard's tensors at once. The
+    format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}} and the raw bytes. The header comes first but is only known at the end, so each
+    shard reserves room for it (sized for every name the model has, at the widest values) and writes
+    it last; the JSON is padded with spaces, as safetensors itself pads it.
+    """
+
+    def __init__(self, dst: Path, names: List[str], max_shard_bytes: int):
+        widest = {"dtype": "BF16", "shape": [1 << 40] * 4, "data_offsets": [1 << 50, 1 << 50]}
+        reserve = len(json.dumps({"__metadata__": {"format": "pt"}, **{n: widest for n in names}}))
+        self.reserve = -(-reserve // 8) * 8
+        self.dst, self.max_shard_bytes = dst, max_shard_bytes
+        self.shards: List[Dict[str, Any]] = []
+        self.file = None
+
+    def _open(self) -> None:
+        self.shards.append({"__metadata__": {"format": "pt"}})
+        self.file = open(self.dst / f"shard-{len(self.shards):05d}.safetensors", "wb")
+        self.file.write(b"\0" * (8 + self.reserve))
+        self.offset = 0
+
+    def _close_shard(self) -> None:
+        header = json.dumps(self.shards[-1], separators=(",", ":")).encode()
+        self.file.seek(0)
+        self.file.write(struct.pack("<Q", self.reserve) + header + b" " * (self.reserve - len(header)))
+        self.file.close()
+        self.file = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.file is not None and self.offset and self.offset + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self.file is None:
+            self._open()
+        self.shards[-1][name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                                 "data_offsets": [self.offset, self.offset + nbytes]}
+        self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.offset += nbytes
+
+    def close(self) -> None:
+        """The last header, the final names (model.safetensors or model-0000i-of-0000n), and the index."""
+        if self.file is not None:
+            self._close_shard()
+        total, weight_map = len(self.shards), {}
+        for i, shard in enumerate(self.shards, 1):
+            final = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+            os.replace(self.dst / f"shard-{i:05d}.safetensors", self.dst / final)
+            weight_map.update({name: final for name in shard if name != "__metadata__"})
+        if total > 1:
+            (self.dst / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -165,14 +196,24 @@ def cast(tensor: torch.Tensor, dtype: Optional[str]) -> torch.Tensor:
     return tensor.to(DTYPES[dtype]) if dtype else tensor
 
 
-def write_megatron(dst: Path, args: Dict[str, Any], tensors, fmt: str, tp: int, pp: int) -> None:
+def write_megatron(dst: Path, args: Dict[str, Any], names: List[Tuple[Mapping, str]], produce, fmt: str, tp: int,
+                   pp: int) -> None:
+    """produce(names) yields (mapping, name, global tensor) for the names asked. torch_dist asks for all
+    at once (one dist_checkpointing.save); legacy asks one pipeline stage at a time and writes that
+    stage's rank files before the next, so it holds about 1/pp of the model."""
     if fmt not in FORMATS:
         raise ConversionError(f"format: '{fmt}' is not one of {', '.join(FORMATS)}")
     with single_process_group(), publishing(dst) as out:
         if fmt == "torch_dist":  # global tensors: any TP/PP loads it; tp only decided the vocab padding
-            megatron_io.write_torch_dist(out, args, tensors)
-        else:
-            megatron_io.write_legacy(out, args, tensors, tp, pp)
+            megatron_io.write_torch_dist(out, args, produce(names))
+            return
+        num_layers = args["model"]["num_layers"]
+        if num_layers % pp:
+            raise ConversionError(f"pp={pp}: {num_layers} layers do not split evenly into {pp} pipeline stages")
+        for stage in range(pp):
+            mine = [(m, n) for m, n in names if megatron_io.stage_of(n, num_layers // pp, pp)[0] == stage]
+            megatron_io.write_legacy_stage(out, args, produce(mine), tp, pp, stage)
+        (out / megatron_io.TRACKER).write_text("0")
 
 
 def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer: Optional[Path] = None,
@@ -187,13 +228,12 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
     geo = geometry(model, args["vocab_size"], args["padded_vocab_size"])
     mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
     with single_process_group():
-        def tensors():
+        with publishing(dst) as out:
+            writer = SafetensorsWriter(out, [n for m in mappings.values() for n in m.hf], max_shard_size)
             for meg, tensor in megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()]):
                 for name, t in zip(mappings[meg].hf, mappings[meg].to_hf(tensor, geo)):
-                    yield name, cast(t, dtype)
-
-        with publishing(dst) as out:
-            write_safetensors(tensors(), out, max_shard_size)
+                    writer.add(name, cast(t, dtype))
+            writer.close()
             config = model_config(model, args["vocab_size"], args.get("eod_id") or 0)
             config.architectures = [family.architectures[0]]
             if dtype:
@@ -228,8 +268,11 @@ def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "t
     args = {"model": model, "vocab_size": config["vocab_size"], "padded_vocab_size": padded,
             "make_vocab_size_divisible_by": make_vocab_size_divisible_by, "eod_id": config.get("eos_token_id"),
             "tokenizer_dir": str(src)}
-    tensors = ((m, meg, cast(m.to_megatron([reader.get(n) for n in hfs], geo), dtype)) for m, meg, hfs in entries)
-    write_megatron(dst, args, tensors, fmt, tp, pp)
+    def produce(names):
+        for m, meg in names:
+            yield m, meg, cast(m.to_megatron([reader.get(n) for n in m.hf], geo), dtype)
+
+    write_megatron(dst, args, [(m, meg) for m, meg, _ in entries], produce, fmt, tp, pp)
     return {"tensors": len(entries), "padded_vocab_size": padded, "format": fmt}
 
 
@@ -244,7 +287,9 @@ def megatron_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: st
                               f"equal parts; convert from HF with this tp instead")
     mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
     with single_process_group():
-        tensors = ((mappings[meg], meg, cast(t, dtype))
-                   for meg, t in megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()]))
-        write_megatron(dst, args, tensors, fmt, tp, pp)
+        def produce(names):
+            for meg, t in megatron_io.read_tensors(path, args, names):
+                yield mappings[meg], meg, cast(t, dtype)
+
+        write_megatron(dst, args, [(m, meg) for meg, m in mappings.items()], produce, fmt, tp, pp)
     return {"tensors": len(mappings), "format": fmt, "source": str(path)}

@@ -176,23 +176,26 @@ def write_torch_dist(dst: Path, args: Dict[str, Any], tensors: Iterator[Tuple[Ma
     (dst / TRACKER).write_text("0")
 
 
-def write_legacy(dst: Path, args: Dict[str, Any], tensors: Iterator[Tuple[Mapping, str, torch.Tensor]], tp: int,
-                 pp: int) -> None:
-    num_layers = args["model"]["num_layers"]
-    if num_layers % pp:
-        raise ConversionError(f"pp={pp}: {num_layers} layers do not split evenly into {pp} pipeline stages")
-    per_stage = num_layers // pp
-    ranks = {(t, p): {} for t in range(tp) for p in range(pp)}
+def write_legacy_stage(dst: Path, args: Dict[str, Any], tensors: Iterator[Tuple[Mapping, str, torch.Tensor]], tp: int,
+                       pp: int, stage: int) -> None:
+    """One pipeline stage's rank files, from that stage's global tensors."""
+    per_stage = args["model"]["num_layers"] // pp
+    ranks: List[Dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     tied = args["model"]["tie_word_embeddings"]
     for mapping, name, tensor in tensors:
-        stage, local = stage_of(name, per_stage, pp)
-        kind = tp_kind(mapping, name)
-        for t, shard in enumerate(split_tp(tensor, kind, tp)):
-            ranks[(t, stage)][local] = shard.clone()
-            if tied and pp > 1 and name == "embedding.word_embeddings.weight":
-                ranks[(t, pp - 1)]["output_layer.weight"] = shard.clone()  # the last stage's copy of the tie
-    for (t, p), model in ranks.items():
-        folder = iteration_dir(dst, 0) / (f"mp_rank_{t:02d}" if pp == 1 else f"mp_rank_{t:02d}_{p:03d}")
+        where, local = stage_of(name, per_stage, pp)
+        assert where == stage, (name, where, stage)
+        for t, shard in enumerate(split_tp(tensor, tp_kind(mapping, name), tp)):
+            ranks[t][local] = shard.clone()
+    if tied and pp > 1 and stage == pp - 1:  # megatron-core keeps the tied output weight on the last stage too
+        first = [load_legacy(iteration_dir(dst, 0) / rank_dir(t, 0, pp) / LEGACY_FILE)["model"] for t in range(tp)]
+        for t in range(tp):
+            ranks[t]["output_layer.weight"] = first[t]["embedding.word_embeddings.weight"].clone()
+    for t, model in enumerate(ranks):
+        folder = iteration_dir(dst, 0) / rank_dir(t, stage, pp)
         folder.mkdir(parents=True)
         torch.save({"model": model, "args": args, "iteration": 0, "checkpoint_version": 3.0}, folder / LEGACY_FILE)
-    (dst / TRACKER).write_text("0")
+
+
+def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
