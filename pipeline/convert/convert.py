@@ -1,9 +1,10 @@
 """Checkpoint conversion HF <-> Megatron (torch_dist or legacy torch, any TP/PP) and Megatron <->
 Megatron (another layout or format), through each family's mapping table.
 
-Every direction streams global tensors (megatron_io.py reads and writes the Megatron formats), writes
-into `<dst>.partial` and renames it into place only when complete: a failed conversion leaves nothing
-at `dst`. Megatron output follows Megatron-LM's layout: `<dst>/iter_0000000/` and
+Tensors flow one at a time as global tensors (megatron_io.py reads and writes the Megatron formats).
+HF output is written tensor by tensor, legacy output one pipeline stage at a time; torch_dist output
+is one `dist_checkpointing.save` of the whole model. Every direction writes into `<dst>.partial` and
+renames it into place only when complete: a failed conversion leaves nothing at `dst`. Megatron output follows Megatron-LM's layout: `<dst>/iter_0000000/` and
 `<dst>/latest_checkpointed_iteration.txt`.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -192,6 +194,13 @@ class SafetensorsWriter:
 FORMATS = ("torch_dist", "torch")
 
 
+def progress(items, total: int, desc: str):
+    """A tensors-done bar on a terminal; silent in logs and tests."""
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="tensor", disable=not sys.stderr.isatty())
+
+
 def cast(tensor: torch.Tensor, dtype: Optional[str]) -> torch.Tensor:
     return tensor.to(DTYPES[dtype]) if dtype else tensor
 
@@ -230,7 +239,8 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
     with single_process_group():
         with publishing(dst) as out:
             writer = SafetensorsWriter(out, [n for m in mappings.values() for n in m.hf], max_shard_size)
-            for meg, tensor in megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()]):
+            stream = megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()])
+            for meg, tensor in progress(stream, len(mappings), f"{path.name} -> hf"):
                 for name, t in zip(mappings[meg].hf, mappings[meg].to_hf(tensor, geo)):
                     writer.add(name, cast(t, dtype))
             writer.close()
@@ -269,7 +279,7 @@ def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "t
             "make_vocab_size_divisible_by": make_vocab_size_divisible_by, "eod_id": config.get("eos_token_id"),
             "tokenizer_dir": str(src)}
     def produce(names):
-        for m, meg in names:
+        for m, meg in progress(names, len(names), f"hf -> {fmt}"):
             yield m, meg, cast(m.to_megatron([reader.get(n) for n in m.hf], geo), dtype)
 
     write_megatron(dst, args, [(m, meg) for m, meg, _ in entries], produce, fmt, tp, pp)
@@ -288,7 +298,7 @@ def megatron_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: st
     mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
     with single_process_group():
         def produce(names):
-            for meg, t in megatron_io.read_tensors(path, args, names):
+            for meg, t in progress(megatron_io.read_tensors(path, args, names), len(names), f"-> {fmt}"):
                 yield mappings[meg], meg, cast(t, dtype)
 
         write_megatron(dst, args, [(m, meg) for meg, m in mappings.items()], produce, fmt, tp, pp)
