@@ -4,7 +4,8 @@
 
 Baseline, measured in the same run: `shutil.copytree` of the same HF checkpoint (the bytes every
 conversion must at least read and write). Each conversion is `pipeline convert` in a fresh process,
-whose peak RSS (its own and its children's, from getrusage) is compared with the checkpoint size.
+whose peak RSS (its own and its children's, from getrusage) and peak anonymous memory (sampled,
+its own) are compared with the checkpoint size.
 Targets: wall time <= 2x the copy, peak RSS <= 0.5x the checkpoint. The page cache is warm for all
 runs alike (the source was just written), so the copy is a fair floor rather than a disk benchmark.
 """
@@ -25,15 +26,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Peak RSS counts the pages of memory-mapped files too (safetensors and torch_dist are read through
+# mmap; the kernel can drop those pages any time), so the anonymous part, the memory the conversion
+# itself holds, is sampled as well.
 MEASURE = """
-import resource, sys, time
+import resource, sys, threading, time
 from pipeline.cli import main
+
+peak_anon = [0]
+
+def sample():
+    while True:
+        with open("/proc/self/status") as f:
+            anon = next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+        peak_anon[0] = max(peak_anon[0], anon * 1024)
+        time.sleep(0.01)
+
+threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
 wall = time.perf_counter() - t0
 own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(f"RESULT {rc} {wall} {max(own, kids) * 1024}")
+print(f"RESULT {rc} {wall} {max(own, kids) * 1024} {peak_anon[0]}")
 """
 
 
@@ -84,8 +99,8 @@ def run_convert(*pairs: str) -> tuple:
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None or line.split()[1] != "0":
         sys.exit(f"convert {' '.join(pairs)} failed:\n{proc.stderr[-3000:]}")
-    _, _, wall, rss = line.split()
-    return float(wall), int(rss)
+    _, _, wall, rss, anon = line.split()
+    return float(wall), int(rss), int(anon)
 
 
 def main() -> None:
@@ -105,26 +120,27 @@ def main() -> None:
         "HF -> Megatron legacy TP2 x PP2": ("to=megatron", "src", hf, "mg_legacy", "tp=2", "pp=2", "format=torch"),
         "Megatron torch_dist -> HF": ("to=hf", "src", "mg_dist", "hf_back"),
     }
-    best = {name: (float("inf"), 0) for name in runs}
+    best = {name: (float("inf"), 0, 0) for name in runs}
     for _ in range(args.rounds):  # interleaved, each conversion in a fresh process
         for name, spec in runs.items():
             if spec is None:
                 shutil.rmtree(out / "copy", ignore_errors=True)
                 t0 = time.perf_counter()
                 shutil.copytree(hf, out / "copy")
-                wall, rss = time.perf_counter() - t0, 0
+                wall, rss, anon = time.perf_counter() - t0, 0, 0
             else:
                 to, _, src, dst, *extra = spec
                 src = src if isinstance(src, Path) else out / src
                 shutil.rmtree(out / dst, ignore_errors=True)
-                wall, rss = run_convert(f"src={src}", f"dst={out / dst}", to, *extra)
-            best[name] = (min(best[name][0], wall), max(best[name][1], rss))
+                wall, rss, anon = run_convert(f"src={src}", f"dst={out / dst}", to, *extra)
+            best[name] = (min(best[name][0], wall), max(best[name][1], rss), max(best[name][2], anon))
     copy = best["copytree (baseline)"][0]
     print(f"Llama, {params / 1e9:.2f}B parameters, bf16, {size / 1e9:.2f} GB in {len(list(hf.glob('*.safetensors')))} "
           f"safetensors shards; best wall of {args.rounds} interleaved rounds, each conversion in a fresh process\n")
-    print(f"{'run':<36} {'seconds':>8} {'vs copy':>8} {'peak RSS':>10} {'vs ckpt':>8}")
-    for name, (wall, rss) in best.items():
-        mem = f"{rss / 1e9:>8.2f} GB {rss / size:>7.2f}x" if rss else f"{'-':>10} {'-':>8}"
+    print(f"{'run':<36} {'seconds':>8} {'vs copy':>8} {'peak RSS':>10} {'vs ckpt':>8} {'peak anon':>10} {'vs ckpt':>8}")
+    for name, (wall, rss, anon) in best.items():
+        mem = (f"{rss / 1e9:>7.2f} GB {rss / size:>7.2f}x {anon / 1e9:>7.2f} GB {anon / size:>7.2f}x" if rss
+               else f"{'-':>10} {'-':>8} {'-':>10} {'-':>8}")
         print(f"{name:<36} {wall:>8.1f} {wall / copy:>7.2f}x {mem}")
     print("\ntargets: wall <= 2x the copy, peak RSS <= 0.5x the checkpoint")
 
