@@ -46,12 +46,16 @@ def last_complete_checkpoint(ckpt_dir: Path, identity: Dict[str, str]) -> Option
                   key=lambda p: int(p.name.split("-")[1]))
     if not done:
         return None
-    marker = json.loads((done[-1] / COMPLETE).read_text())
-    for key, value in identity.items():
-        if marker.get(key) != value:
-            raise SystemExit(f"{done[-1]} was saved for a different {key.replace('_', ' ')} ({marker.get(key)} != "
-                             f"{value}); it cannot be resumed here. Use a new run dir or remove {ckpt_dir}")
+    check_identity(json.loads((done[-1] / COMPLETE).read_text()), identity, done[-1])
     return done[-1]
+
+
+def check_identity(saved: Dict[str, Any], identity: Dict[str, str], path: Path) -> None:
+    """A checkpoint resumes only a run on the same data and model (both backends)."""
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            raise SystemExit(f"{path} was saved for a different {key.replace('_', ' ')} ({saved.get(key)} != "
+                             f"{value}); it cannot be resumed here. Use a new run dir or remove {path.parent}")
 
 
 def build_model(job: Dict[str, Any]):

@@ -370,13 +370,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, layout: Dict[str, i
     return common
 
 
-def check_identity(common: Dict[str, Any], identity: Dict[str, str], path: Path) -> None:
-    for key, value in identity.items():
-        if common.get(key) != value:
-            raise SystemExit(f"{path} was saved for a different {key.replace('_', ' ')} ({common.get(key)} != "
-                             f"{value}); it cannot be resumed here. Use a new run dir or remove {path.parent}")
-
-
 # ----------------------------------------------------------------------------- logging
 
 class StepLog:
@@ -484,6 +477,8 @@ def main(job_path: str) -> None:
     if latest is not None:
         path = iteration_dir(ckpt_root, latest)
         common = load_checkpoint(path, model, optimizer, scheduler, layout)
+        from pipeline.train.hf_entry import check_identity
+
         check_identity(common, identity, path)
         if common["args"]["padded_vocab_size"] != job["padded_vocab_size"]:
             raise SystemExit(f"{path} has a {common['args']['padded_vocab_size']}-row embedding, this layout pads to "
