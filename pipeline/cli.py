@@ -127,7 +127,8 @@ def cmd_verify(args) -> int:
         if key not in kv:
             raise ConfigError(f"{key}: required (pipeline verify a=<hf dir> b=<megatron dir>)")
     out = kv.get("report", kv["b"] / "verify.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(kv.get("tp", 1)), "-m", "pipeline.convert.verify", str(kv["a"]), str(kv["b"]), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(kv.get("tp", 1)),
+           "-m", "pipeline.convert.verify", str(kv["a"]), str(kv["b"]), str(out)]
     if subprocess.run(cmd).returncode != 0:
         raise StageError("verify failed; see the output above")
     report = json.loads(out.read_text())  # verify has printed it

@@ -21,10 +21,11 @@ from typing import Any, Dict, List
 from pipeline.runner import StageContext, StageError
 
 
-def pipeline_cli(*args: str) -> None:
+def pipeline_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise StageError(f"pipeline {' '.join(args)} failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
+    return proc
 
 
 def convert(*pairs: str) -> None:
@@ -33,8 +34,8 @@ def convert(*pairs: str) -> None:
 
 def verify(hf_dir: Path, megatron_dir: Path, tolerance: float, report_path: Path) -> Dict[str, Any]:
     """Logits of both sides on a fixed prompt (megatron-core at TP=1 here); an error above tolerance."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", f"a={hf_dir}", f"b={megatron_dir}",
-                           f"tolerance={tolerance}", f"report={report_path}"], capture_output=True, text=True)
+    proc = pipeline_cli("verify", f"a={hf_dir}", f"b={megatron_dir}", f"tolerance={tolerance}", f"report={report_path}",
+                        check=False)  # exit 1 = over tolerance: the report says by how much
     if not report_path.is_file():
         raise StageError(f"verify {hf_dir} against {megatron_dir} failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
     report = json.loads(report_path.read_text())
