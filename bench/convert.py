@@ -2,12 +2,17 @@
 
     python bench/convert.py [--layers 18] [--rounds 2]
 
-Baseline, measured in the same run: `shutil.copytree` of the same HF checkpoint (the bytes every
-conversion must at least read and write). Each conversion is `pipeline convert` in a fresh process,
-whose peak RSS (its own and its children's, from getrusage) and peak anonymous memory (sampled,
-its own) are compared with the checkpoint size.
+Baselines, measured in the same run:
+- `shutil.copytree` of the same HF checkpoint (the bytes every conversion must at least read and
+  write; in-kernel copies on Linux);
+- the floor of any torch-based converter: a fresh Python process that imports torch, then reads and
+  writes the same bytes through user space (64 MiB at a time).
+Each conversion is `pipeline convert` in a fresh process, timed from before its imports; its peak
+RSS (VmHWM) and peak anonymous memory (sampled) are compared with the checkpoint size.
 Targets: wall time <= 2x the copy, peak RSS <= 0.5x the checkpoint. The page cache is warm for all
-runs alike (the source was just written), so the copy is a fair floor rather than a disk benchmark.
+runs alike (the source was just written), so the copy is a fair floor rather than a disk benchmark,
+and dirty pages are flushed (os.sync, untimed) before every run so that none pays for another's
+writeback.
 """
 from __future__ import annotations
 
@@ -30,7 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 # mmap; the kernel can drop those pages any time), so the anonymous part, the memory the conversion
 # itself holds, is sampled as well.
 MEASURE = """
-import resource, sys, threading, time
+import time
+t0 = time.perf_counter()
+import sys, threading
 from pipeline.cli import main
 
 peak_anon = [0]
@@ -43,12 +50,26 @@ def sample():
         time.sleep(0.01)
 
 threading.Thread(target=sample, daemon=True).start()
-t0 = time.perf_counter()
 rc = main(sys.argv[1:])
 wall = time.perf_counter() - t0
-own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(f"RESULT {rc} {wall} {max(own, kids) * 1024} {peak_anon[0]}")
+with open("/proc/self/status") as f:  # VmHWM, not getrusage: ru_maxrss carries the bench's own peak over exec
+    peak_rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+print(f"RESULT {rc} {wall} {peak_rss * 1024} {peak_anon[0]}")
+"""
+
+FLOOR = """
+import time
+t0 = time.perf_counter()
+import sys, torch
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+dst.mkdir()
+buffer = memoryview(bytearray(64 << 20))
+for f in sorted(src.iterdir()):
+    with open(f, "rb", buffering=0) as i, open(dst / f.name, "wb", buffering=0) as o:
+        while n := i.readinto(buffer):
+            o.write(buffer[:n])
+print(f"RESULT 0 {time.perf_counter() - t0} 0 0")
 """
 
 
@@ -94,11 +115,11 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_convert(*pairs: str) -> tuple:
-    proc = subprocess.run([sys.executable, "-c", MEASURE, "convert", *pairs], capture_output=True, text=True)
+def run_measured(script: str, *args: str) -> tuple:
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None or line.split()[1] != "0":
-        sys.exit(f"convert {' '.join(pairs)} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     _, _, wall, rss, anon = line.split()
     return float(wall), int(rss), int(anon)
 
@@ -116,6 +137,7 @@ def main() -> None:
     size = dir_bytes(hf)
     runs = {
         "copytree (baseline)": None,
+        "python + torch read/write (floor)": "floor",
         "HF -> Megatron torch_dist": ("to=megatron", "src", hf, "mg_dist"),
         "HF -> Megatron legacy TP2 x PP2": ("to=megatron", "src", hf, "mg_legacy", "tp=2", "pp=2", "format=torch"),
         "Megatron torch_dist -> HF": ("to=hf", "src", "mg_dist", "hf_back"),
@@ -123,25 +145,30 @@ def main() -> None:
     best = {name: (float("inf"), 0, 0) for name in runs}
     for _ in range(args.rounds):  # interleaved, each conversion in a fresh process
         for name, spec in runs.items():
+            dst = out / ("copy" if spec in (None, "floor") else spec[3])
+            shutil.rmtree(dst, ignore_errors=True)
+            os.sync()  # flush dirty pages, untimed: no run pays for another's writeback
             if spec is None:
-                shutil.rmtree(out / "copy", ignore_errors=True)
                 t0 = time.perf_counter()
-                shutil.copytree(hf, out / "copy")
+                shutil.copytree(hf, dst)
                 wall, rss, anon = time.perf_counter() - t0, 0, 0
+            elif spec == "floor":
+                wall, _, _ = run_measured(FLOOR, str(hf), str(dst))
+                rss = anon = 0
             else:
-                to, _, src, dst, *extra = spec
+                to, _, src, _, *extra = spec
                 src = src if isinstance(src, Path) else out / src
-                shutil.rmtree(out / dst, ignore_errors=True)
-                wall, rss, anon = run_convert(f"src={src}", f"dst={out / dst}", to, *extra)
+                wall, rss, anon = run_measured(MEASURE, "convert", f"src={src}", f"dst={dst}", to, *extra)
             best[name] = (min(best[name][0], wall), max(best[name][1], rss), max(best[name][2], anon))
-    copy = best["copytree (baseline)"][0]
+    copy, floor = best["copytree (baseline)"][0], best["python + torch read/write (floor)"][0]
     print(f"Llama, {params / 1e9:.2f}B parameters, bf16, {size / 1e9:.2f} GB in {len(list(hf.glob('*.safetensors')))} "
           f"safetensors shards; best wall of {args.rounds} interleaved rounds, each conversion in a fresh process\n")
-    print(f"{'run':<36} {'seconds':>8} {'vs copy':>8} {'peak RSS':>10} {'vs ckpt':>8} {'peak anon':>10} {'vs ckpt':>8}")
+    print(f"{'run':<36} {'seconds':>8} {'vs copy':>8} {'vs floor':>8} {'peak RSS':>10} {'vs ckpt':>8} "
+          f"{'peak anon':>10} {'vs ckpt':>8}")
     for name, (wall, rss, anon) in best.items():
         mem = (f"{rss / 1e9:>7.2f} GB {rss / size:>7.2f}x {anon / 1e9:>7.2f} GB {anon / size:>7.2f}x" if rss
                else f"{'-':>10} {'-':>8} {'-':>10} {'-':>8}")
-        print(f"{name:<36} {wall:>8.1f} {wall / copy:>7.2f}x {mem}")
+        print(f"{name:<36} {wall:>8.1f} {wall / copy:>7.2f}x {wall / floor:>7.2f}x {mem}")
     print("\ntargets: wall <= 2x the copy, peak RSS <= 0.5x the checkpoint")
 
 

@@ -210,6 +210,9 @@ class Runner:
     def fingerprint(self, stage: Stage, upstream: Dict[str, str]) -> Tuple[str, Dict[str, Any]]:
         config = {key: subtree(self.cfg, key) for key in stage.reads}
         for key in stage.ignores:  # e.g. data.tokenize.workers: output bytes do not depend on it
+            if key in config:  # a whole read key, visible to the stage but not part of its identity
+                config.pop(key)
+                continue
             read = next(r for r in stage.reads if key.startswith(r + "."))
             *parents, leaf = key[len(read) + 1:].split(".")
             node = config[read]

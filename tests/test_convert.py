@@ -144,14 +144,15 @@ def test_bad_input_names_the_tensor_and_leaves_nothing(tmp_path, capsys, damage,
 
 FIRST_BATCH = """
 import json, sys, torch
+import torch.distributed as dist
 from pathlib import Path
-from pipeline.convert.convert import single_process_group
-from pipeline.train import megatron_entry as me
+from pipeline.train import megatron_cpu, megatron_entry as me
 
 job = json.loads(Path(sys.argv[1]).read_text())
 job["work_dir"] = sys.argv[2]  # the dataset's index cache goes here, not into the run
-with single_process_group():
-    train, _ = me.build_datasets(job, job["total_steps"] * job["global_batch_sequences"], 0)
+megatron_cpu.install()
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # megatron's builder wants a group
+train, _ = me.build_datasets(job, job["total_steps"] * job["global_batch_sequences"], 0)
 samples = [train[i] for i in range(job["global_batch_sequences"])]
 torch.save({k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels")}, sys.argv[3])
 """
@@ -173,11 +174,19 @@ def test_continued_pretraining_hf_init_megatron_tp2_then_export(corpus, base_run
     result = cli_subprocess("run", *fast_overrides(corpus, run_dir, "experiment=tiny_cpu_megatron", "train.tracker=none",
                                                    f"train.init={init}", "train.max_steps=2", "train.lr=1e-12",
                                                    "train.save_every=2", "train.eval_every=2"),
-                            "--only", "train,export")
+                            "--only", "import,train,export")
     assert result.returncode == 0, result.stderr[-3000:]
     job = json.loads((run_dir / "train" / "job.json").read_text())
     assert job["model"]["num_layers"] == 2 and job["model"]["hidden_size"] == 64  # the init's shape
-    assert job["import_verify"]["max_abs_diff"] < 1e-4
+    assert job["init"] == str(run_dir / "import" / "megatron")
+    imported = json.loads((run_dir / "import" / "MANIFEST.json").read_text())["metrics"]
+    assert imported["imported"] and imported["verify"]["max_abs_diff"] < 1e-4
+    overrides = fast_overrides(corpus, run_dir, "experiment=tiny_cpu_megatron", "train.tracker=none",
+                               f"train.init={init}", "train.max_steps=2", "train.lr=1e-12", "train.save_every=2",
+                               "train.eval_every=2", "train.parallel.tp=1")
+    plan = cli_subprocess("run", *overrides, "--dry-run").stdout  # another layout: nothing to redo
+    assert {line.split()[0]: line.split()[1] for line in plan.splitlines()} == {
+        "tokenizer": "skip", "tokenize": "skip", "mix": "skip", "import": "skip", "train": "skip", "export": "skip"}
     export = json.loads((run_dir / "export" / "MANIFEST.json").read_text())["metrics"]
     assert export["hf_vs_trained"]["max_abs_diff"] < 1e-4
 

@@ -15,7 +15,7 @@ from conftest import cli_subprocess, copy_data_stages, fast_overrides, log_losse
 from pipeline.data.indexed import IndexedReader
 from pipeline.train.blocks import BlockDataset
 
-TRAIN = ("--only", "train")
+TRAIN = ("--only", "import,train")
 QUICK = ("train.tracker=none", "train.logging_steps=1")
 
 

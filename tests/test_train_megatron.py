@@ -11,7 +11,7 @@ import pytest
 
 from conftest import cli, cli_subprocess, copy_data_stages, fast_overrides, log_losses
 
-TRAIN = ("--only", "train")
+TRAIN = ("--only", "import,train")
 # 4 layers, so that PP=2 with 2 virtual stages a rank (the interleaved schedule) fits too
 MEGATRON = ("experiment=tiny_cpu_megatron", "train.tracker=none", "train.logging_steps=1", "model.num_layers=4")
 STEPS = ("train.max_steps=24", "train.save_every=8", "train.eval_every=8")

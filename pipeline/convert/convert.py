@@ -1,10 +1,12 @@
 """Checkpoint conversion HF <-> Megatron (torch_dist or legacy torch, any TP/PP) and Megatron <->
 Megatron (another layout or format), through each family's mapping table.
 
-Tensors flow one at a time as global tensors (megatron_io.py reads and writes the Megatron formats).
-HF output is written tensor by tensor, legacy output one pipeline stage at a time; torch_dist output
-is one `dist_checkpointing.save` of the whole model. Every direction writes into `<dst>.partial` and
-renames it into place only when complete: a failed conversion leaves nothing at `dst`. Megatron output follows Megatron-LM's layout: `<dst>/iter_0000000/` and
+Tensors flow one at a time as global tensors (megatron_io.py reads and writes the Megatron formats):
+HF and torch_dist output is written tensor by tensor, legacy output one rank file at a time. Writing
+Megatron output takes two passes over the source: shapes first (the transforms run on meta tensors,
+so a bad checkpoint fails before anything is written), then the data. Every direction writes into
+`<dst>.partial` and renames it into place only when complete: a failed conversion leaves nothing at
+`dst`. Megatron output follows Megatron-LM's layout: `<dst>/iter_0000000/` and
 `<dst>/latest_checkpointed_iteration.txt`.
 """
 from __future__ import annotations
@@ -55,25 +57,6 @@ def publishing(dst: Path) -> Iterator[Path]:
     os.replace(partial, dst)
 
 
-@contextlib.contextmanager
-def single_process_group() -> Iterator[None]:
-    """dist_checkpointing wants a process group even in one process: a gloo group of one, no network.
-    On a CPU-only host this process gets megatron-core's CPU compatibility layer (pipeline.train.megatron_cpu)."""
-    import torch.distributed as dist
-
-    from pipeline.train import megatron_cpu
-
-    megatron_cpu.install()  # no-op with CUDA; dist_checkpointing synchronizes "CUDA" when saving
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def copy_tokenizer_files(src: Optional[Path], dst: Path) -> list:
     copied = []
     for name in TOKENIZER_FILES if src else ():
@@ -105,7 +88,12 @@ def hf_model_dict(config: Dict[str, Any], family: Family) -> Dict[str, Any]:
 
 
 class HFReader:
-    """Tensors of an HF safetensors checkpoint (single file or sharded with an index), read lazily."""
+    """Tensors of an HF safetensors checkpoint (single file or sharded with an index), read lazily.
+
+    Each read opens its file anew: safetensors hands out tensors that are views of a memory map of the
+    whole file, and the pages a read touched stay resident while the map is open. Reopening per tensor
+    (a header parse) lets each map go with its tensor, so memory holds the tensors in use, not the
+    checkpoint."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -114,23 +102,30 @@ class HFReader:
         if index.is_file():
             files = json.loads(index.read_text())["weight_map"]
         elif (path / "model.safetensors").is_file():
-            files = None
+            with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+                files = {k: "model.safetensors" for k in f.keys()}
         else:
             raise ConversionError(f"{path}: no model.safetensors(.index.json); only safetensors checkpoints are read "
                                   f"(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))")
-        names = sorted(set(files.values())) if files else ["model.safetensors"]
-        self.handles = {n: safe_open(str(path / n), framework="pt") for n in names}
-        self.where = files or {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
+        self.where = {name: path / file for name, file in files.items()}
 
     def names(self):
         return set(self.where)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.handles[self.where[name]].get_tensor(name)
+    def get(self, name: str, meta: bool = False) -> torch.Tensor:
+        """The tensor, or with `meta` only its shape and dtype (from the header, no data read)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), framework="pt") as handle:
+            if not meta:
+                return handle.get_tensor(name)
+            stored = handle.get_slice(name)
+            return torch.empty(stored.get_shape(), dtype=TORCH_DTYPES[stored.get_dtype()], device="meta")
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
                       torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class SafetensorsWriter:
@@ -207,21 +202,27 @@ def cast(tensor: torch.Tensor, dtype: Optional[str]) -> torch.Tensor:
 
 def write_megatron(dst: Path, args: Dict[str, Any], names: List[Tuple[Mapping, str]], produce, fmt: str, tp: int,
                    pp: int) -> None:
-    """produce(names) yields (mapping, name, global tensor) for the names asked. torch_dist asks for all
-    at once (one dist_checkpointing.save); legacy asks one pipeline stage at a time and writes that
-    stage's rank files before the next, so it holds about 1/pp of the model."""
+    """produce(names, meta) yields (mapping, name, global tensor) for the names asked, in their order;
+    with `meta` the tensors are shapes only. torch_dist plans from one meta pass, then writes tensor by
+    tensor; legacy writes one rank file at a time, reading that stage's tensors once per TP rank, so it
+    holds 1/(tp x pp) of the model rather than 1/pp."""
     if fmt not in FORMATS:
         raise ConversionError(f"format: '{fmt}' is not one of {', '.join(FORMATS)}")
-    with single_process_group(), publishing(dst) as out:
+    num_layers = args["model"]["num_layers"]
+    if fmt == "torch" and num_layers % pp:
+        raise ConversionError(f"pp={pp}: {num_layers} layers do not split evenly into {pp} pipeline stages")
+    planned = [(name, t) for _, name, t in produce(names, meta=True)]  # every shape checked before writing
+    with publishing(dst) as out:
         if fmt == "torch_dist":  # global tensors: any TP/PP loads it; tp only decided the vocab padding
-            megatron_io.write_torch_dist(out, args, produce(names))
+            megatron_io.write_torch_dist(out, args, planned, iter(progress(produce(names), len(names), f"-> {fmt}")))
             return
-        num_layers = args["model"]["num_layers"]
-        if num_layers % pp:
-            raise ConversionError(f"pp={pp}: {num_layers} layers do not split evenly into {pp} pipeline stages")
+        bar = progress(None, len(names) * tp, f"-> {fmt} tp={tp} pp={pp}")
         for stage in range(pp):
             mine = [(m, n) for m, n in names if megatron_io.stage_of(n, num_layers // pp, pp)[0] == stage]
-            megatron_io.write_legacy_stage(out, args, produce(mine), tp, pp, stage)
+            for rank in range(tp):
+                megatron_io.write_legacy_rank(out, args, produce(mine), tp, rank, pp, stage)
+                bar.update(len(mine))
+        bar.close()
         (out / megatron_io.TRACKER).write_text("0")
 
 
@@ -236,22 +237,21 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
     family = FAMILIES[model["family"]]
     geo = geometry(model, args["vocab_size"], args["padded_vocab_size"])
     mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
-    with single_process_group():
-        with publishing(dst) as out:
-            writer = SafetensorsWriter(out, [n for m in mappings.values() for n in m.hf], max_shard_size)
-            stream = megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()])
-            for meg, tensor in progress(stream, len(mappings), f"{path.name} -> hf"):
-                for name, t in zip(mappings[meg].hf, mappings[meg].to_hf(tensor, geo)):
-                    writer.add(name, cast(t, dtype))
-            writer.close()
-            config = model_config(model, args["vocab_size"], args.get("eod_id") or 0)
-            config.architectures = [family.architectures[0]]
-            if dtype:
-                config.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-            config.save_pretrained(str(out))
-            GenerationConfig.from_model_config(config).save_pretrained(str(out))
-            source_tokenizer = tokenizer or (Path(args["tokenizer_dir"]) if args.get("tokenizer_dir") else None)
-            copied = copy_tokenizer_files(source_tokenizer, out)
+    with publishing(dst) as out:
+        writer = SafetensorsWriter(out, [n for m in mappings.values() for n in m.hf], max_shard_size)
+        stream = megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()])
+        for meg, tensor in progress(stream, len(mappings), f"{path.name} -> hf"):
+            for name, t in zip(mappings[meg].hf, mappings[meg].to_hf(tensor, geo)):
+                writer.add(name, cast(t, dtype))
+        writer.close()
+        config = model_config(model, args["vocab_size"], args.get("eod_id") or 0)
+        config.architectures = [family.architectures[0]]
+        if dtype:
+            config.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+        config.save_pretrained(str(out))
+        GenerationConfig.from_model_config(config).save_pretrained(str(out))
+        source_tokenizer = tokenizer or (Path(args["tokenizer_dir"]) if args.get("tokenizer_dir") else None)
+        copied = copy_tokenizer_files(source_tokenizer, out)
     return {"tensors": len(mappings), "tokenizer_files": copied, "source": str(path)}
 
 
@@ -278,9 +278,9 @@ def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "t
     args = {"model": model, "vocab_size": config["vocab_size"], "padded_vocab_size": padded,
             "make_vocab_size_divisible_by": make_vocab_size_divisible_by, "eod_id": config.get("eos_token_id"),
             "tokenizer_dir": str(src)}
-    def produce(names):
-        for m, meg in progress(names, len(names), f"hf -> {fmt}"):
-            yield m, meg, cast(m.to_megatron([reader.get(n) for n in m.hf], geo), dtype)
+    def produce(names, meta=False):
+        for m, meg in names:
+            yield m, meg, cast(m.to_megatron([reader.get(n, meta) for n in m.hf], geo), dtype)
 
     write_megatron(dst, args, [(m, meg) for m, meg, _ in entries], produce, fmt, tp, pp)
     return {"tensors": len(entries), "padded_vocab_size": padded, "format": fmt}
@@ -296,10 +296,9 @@ def megatron_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: st
         raise ConversionError(f"tp={tp}: the {args['padded_vocab_size']}-row embedding does not split into {tp} "
                               f"equal parts; convert from HF with this tp instead")
     mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
-    with single_process_group():
-        def produce(names):
-            for meg, t in progress(megatron_io.read_tensors(path, args, names), len(names), f"-> {fmt}"):
-                yield mappings[meg], meg, cast(t, dtype)
+    def produce(names, meta=False):
+        for meg, t in megatron_io.read_tensors(path, args, names, meta):
+            yield mappings[meg], meg, cast(t, dtype)
 
-        write_megatron(dst, args, [(m, meg) for meg, m in mappings.items()], produce, fmt, tp, pp)
+    write_megatron(dst, args, [(m, meg) for meg, m in mappings.items()], produce, fmt, tp, pp)
     return {"tensors": len(mappings), "format": fmt, "source": str(path)}

@@ -1,4 +1,5 @@
-"""The `export` stage, and the HF -> Megatron import the megatron backend runs for an HF `train.init`.
+"""The `import` stage (HF `train.init` -> Megatron, before megatron training) and the `export` stage
+(after training: HF always, Megatron on request).
 
 Conversions run in a child process (`pipeline convert`, `pipeline verify`): on a CPU-only host they
 load megatron-core's CPU compatibility layer, which rewires torch for the whole process, and the
@@ -6,6 +7,7 @@ runner's process should stay as it is. Every conversion is checked by `pipeline 
 through transformers and megatron-core, max |logit difference|); above `export.tolerance` the stage
 fails and publishes nothing.
 
+    <run_dir>/import/megatron/    (megatron backend, HF train.init) torch_dist padded for train.parallel.tp
     <run_dir>/export/hf/          safetensors, config.json, generation_config.json, every tokenizer file
     <run_dir>/export/megatron/    (export.megatron=true) torch_dist, loads at any TP/PP
 """
@@ -45,15 +47,30 @@ def verify(hf_dir: Path, megatron_dir: Path, tolerance: float, report_path: Path
     return report
 
 
-def import_hf_init(hf_dir: Path, dst: Path, tp: int, divisible_by: int, tolerance: float) -> Dict[str, Any]:
-    """An HF checkpoint as a Megatron torch_dist init for the megatron backend, checked by logits.
-    Kept across a resumed train stage (dst is inside its work dir)."""
-    if not (dst / "latest_checkpointed_iteration.txt").is_file():
-        convert(f"src={hf_dir}", f"dst={dst}", "to=megatron", f"tp={tp}", f"make_vocab_size_divisible_by={divisible_by}")
-    return verify(hf_dir, dst, tolerance, dst.with_name(dst.name + "_verify.json"))
+def import_needed(cfg) -> bool:
+    from pipeline.train.stage import is_hf_checkpoint
+
+    return cfg.train.backend == "megatron" and bool(cfg.train.init) and is_hf_checkpoint(cfg.train.init)
 
 
-def run(ctx: StageContext) -> Dict[str, Any]:
+def import_inputs(cfg) -> List[str]:
+    """The HF init's files, so that a changed init checkpoint is imported again."""
+    return sorted(str(p) for p in Path(cfg.train.init).iterdir() if p.is_file()) if import_needed(cfg) else []
+
+
+def run_import(ctx: StageContext) -> Dict[str, Any]:
+    """An HF train.init as a Megatron torch_dist checkpoint, padded for the training TP (the train stage
+    checks the padding), then checked by logits. Nothing to do for the HF backend or a Megatron init."""
+    if not import_needed(ctx.cfg):
+        return {"imported": False}
+    t, out = ctx.cfg.train, ctx.work_dir / "megatron"
+    convert(f"src={t.init}", f"dst={out}", "to=megatron", f"tp={t.parallel.tp}",
+            f"make_vocab_size_divisible_by={t.make_vocab_size_divisible_by}")
+    return {"imported": True, "verify": verify(Path(t.init), out, ctx.cfg.export.tolerance,
+                                                 ctx.work_dir / "verify.json")}
+
+
+def run_export(ctx: StageContext) -> Dict[str, Any]:
     cfg, train = ctx.cfg.export, ctx.inputs["train"]
     out = ctx.work_dir
     dtype: List[str] = [f"dtype={cfg.dtype}"] if cfg.dtype else []

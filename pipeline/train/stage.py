@@ -153,24 +153,21 @@ def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
                           f"{sequences} sequences; raise train.epochs or set train.max_steps")
     padded = padded_vocab_size(vocab_size, t.make_vocab_size_divisible_by, t.parallel.tp)
     model = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
-    init, imported = t.init, {}
-    if init and is_hf_checkpoint(init):  # the import: HF -> torch_dist at this run's padding, checked by logits
-        from pipeline.convert.stage import import_hf_init
-
-        init = str(data["work_dir"] / "init_megatron")
-        imported = import_hf_init(Path(t.init), Path(init), t.parallel.tp, t.make_vocab_size_divisible_by,
-                                  cfg.export.tolerance)
+    init = t.init
+    if init and is_hf_checkpoint(init):  # the import stage converted it at this run's padding, checked by logits
+        init = str(data["import_dir"] / "megatron")
     if init:  # continued pretraining: the model is the init's (as with the HF backend), not model.*
         stored = megatron_init_args(init)
         model = stored["model"]
         if stored["padded_vocab_size"] != padded:
-            raise ConfigError(f"train.init: {t.init} has a {stored['padded_vocab_size']}-row embedding, this run pads "
+            fix = ("import it again for this TP (pipeline run --force import)" if init != t.init
+                   else "convert it for this TP (pipeline convert ... tp=N)")
+            raise ConfigError(f"train.init: {init} has a {stored['padded_vocab_size']}-row embedding, this run pads "
                               f"{vocab_size} to {padded} (make_vocab_size_divisible_by {t.make_vocab_size_divisible_by}"
-                              f" x tp {t.parallel.tp}); convert it for this TP or set make_vocab_size_divisible_by")
+                              f" x tp {t.parallel.tp}); {fix}, or set train.make_vocab_size_divisible_by")
     return {
         "init": init,
         "model": model,
-        "import_verify": imported,
         "global_batch_sequences": sequences,
         "total_steps": total,
         "warmup_steps": min(round(t.warmup_ratio * total), total - 1),  # megatron: warmup < decay steps
@@ -200,7 +197,8 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     check_tracker(cfg.train)
     blocks = train_data.num_tokens // cfg.train.seq_len
     data = {"train_tokens": train_data.num_tokens, "valid_tokens": IndexedReader(valid_prefix).num_tokens,
-            "eod_id": info["eod_id"], "tokenizer_dir": str(ctx.inputs["tokenizer"]), "work_dir": ctx.work_dir}
+            "eod_id": info["eod_id"], "tokenizer_dir": str(ctx.inputs["tokenizer"]), "work_dir": ctx.work_dir,
+            "import_dir": ctx.inputs["import"]}
     accumulation = grad_accumulation(cfg)
     sequences_per_step = cfg.train.global_batch_tokens // cfg.train.seq_len
     if blocks < sequences_per_step:
