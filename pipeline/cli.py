@@ -29,6 +29,8 @@ def _runner(args) -> Runner:
 
 
 def cmd_run(args) -> int:
+    from pipeline import launch, plan
+
     runner = _runner(args)
     only = _stages(args.only)
     force = _stages(args.force) if args.force != "*" else (only or list(runner.stages))
@@ -38,7 +40,11 @@ def cmd_run(args) -> int:
             if args.explain:
                 for reason in item.reasons or ["up to date: same fingerprint, outputs present"]:
                     print(f"    {reason}")
+        lines, warnings = plan.training_plan(runner.cfg)
+        print("\n".join(["", *lines, *(f"WARNING    {w}" for w in warnings)]))
         return 0
+    if launch.is_joining_node(runner.cfg.launcher):
+        return launch.join_training(runner, runner.cfg.launcher)
     runner.run(only, force)
     log.info("run dir: %s", runner.run_dir)
     return 0

@@ -189,9 +189,19 @@ class TrainConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "deepspeed"  # deepspeed | torchrun: how the train stage starts its processes
+    """How the train stage starts its ranks (pipeline/launch.py)."""
+
+    name: str = "local"  # local | torchrun | deepspeed | slurm
     nnodes: int = 1
     nproc_per_node: int = 1  # processes (GPUs) per node; on CPU, gloo processes
+    rdzv_endpoint: Optional[str] = None  # torchrun: node 0's host:port, the same on every node; slurm: optional
+    rdzv_id: str = "pipeline"  # torchrun: the same on every node of one launch
+    node_rank: Optional[int] = None  # torchrun: this node; unset = $NODE_RANK, $SLURM_NODEID or $GROUP_RANK, else 0
+    join_timeout: int = 7200  # torchrun, nodes > 0: seconds to wait for node 0 to reach the train stage
+    hostfile: Optional[str] = None  # deepspeed: "<host> slots=<n>" per line
+    master_addr: Optional[str] = None  # deepspeed with a hostfile: default the first host
+    master_port: int = 29500  # deepspeed with a hostfile, and slurm's rendezvous
+    gpu_memory_gb: float = 80.0  # the dry-run's memory estimate warns above 90% of this
 
 
 @dataclass
@@ -371,6 +381,9 @@ def validate_training(cfg: DictConfig) -> None:
     _require(m.num_attention_heads % kv == 0, "model.num_key_value_heads",
              f"{m.num_attention_heads} attention heads are not divisible by {kv} key/value heads")
     _require(world_size(cfg) >= 1, "launcher.nproc_per_node", "world size must be >= 1")
+    from pipeline.launch import validate as validate_launcher  # launch.py imports this module
+
+    validate_launcher(cfg.launcher)
     if t.backend == "megatron":
         validate_megatron_layout(cfg)
     grad_accumulation(cfg)

@@ -90,10 +90,9 @@ def test_two_process_zero2_trains_loss_drops_and_the_hf_dir_generates(corpus, ru
     out = run_copy / "train"
     job = json.loads((out / "job.json").read_text())
     assert job["deepspeed"]["zero_optimization"]["stage"] == 2 and job["grad_accumulation"] == 2
-    assert "Process" in (out / "train.log").read_text() and result.stderr.count("exits successfully") == 2
     losses = log_losses(run_copy)
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 40 and summary["tokens_seen"] == 40 * 2048
+    assert summary["steps"] == 40 and summary["tokens_seen"] == 40 * 2048 and summary["world_size"] == 2
     assert summary["eval_loss"] < losses[1] - 0.5, (losses[1], summary)
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {"loss", "grad_norm", "learning_rate", "tokens_seen", "tokens_per_second"} <= set(rows[5])

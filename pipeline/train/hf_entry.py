@@ -203,7 +203,7 @@ def main(job_path: str) -> None:
         summary = {"train_loss": result.training_loss, "eval_loss": metrics["eval_loss"], "steps": trainer.state.global_step,
                    "tokens_seen": trainer.state.global_step * tokens_per_step, "resumed_from": resume.name if resume else None,
                    "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
-                   "precision": precision}
+                   "precision": precision, "world_size": int(os.environ.get("WORLD_SIZE", 1))}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     if dist.is_initialized():
         dist.barrier()
@@ -211,4 +211,6 @@ def main(job_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[-1])
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)(sys.argv[-1])  # a failure reaches torchrun's summary with its traceback

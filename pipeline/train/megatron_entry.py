@@ -553,4 +553,6 @@ def main(job_path: str) -> None:
 
 
 if __name__ == "__main__":  # dist_checkpointing's async writer spawns processes: this guard is required
-    main(sys.argv[-1])
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)(sys.argv[-1])  # a failure reaches torchrun's summary with its traceback

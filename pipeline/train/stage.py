@@ -14,16 +14,13 @@ import json
 import logging
 import math
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from omegaconf import OmegaConf
 
+from pipeline import launch
 from pipeline.config import CONFIG_DIR, ConfigError, data_parallel_size, grad_accumulation, value_of, world_size
 from pipeline.data.indexed import IndexedReader, token_dtype
 from pipeline.data.tokenizer import tokenizer_info
@@ -71,46 +68,12 @@ def deepspeed_config(train) -> Dict[str, Any]:
     return config
 
 
-def launch_command(launcher, entry: Path, job_path: Path, port: int) -> List[str]:
-    if launcher.name == "deepspeed":
-        exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-        return [exe, "--num_gpus", str(launcher.nproc_per_node), "--master_port", str(port), str(entry), str(job_path)]
-    if launcher.name == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launcher.nproc_per_node),
-                "--master_port", str(port), str(entry), str(job_path)]
-    raise ConfigError(f"launcher.name: '{launcher.name}' is not one of deepspeed, torchrun")
-
-
 def clear_shm_segments(port: int) -> None:
     """DeepSpeed's CPU all-reduce keeps a 69 MB /dev/shm segment per rank, named after the master port,
     and never removes it: runs would leak RAM, and a later run on the same port would open a stale
     workspace. The port is ours, so its segments are too."""
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
         path.unlink(missing_ok=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
-    """Run, copying the ranks' output byte for byte to our stderr (progress bars intact) and to log_path."""
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-
-        def pump():
-            while chunk := proc.stdout.read1(65536):
-                logf.write(chunk)
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        rc = proc.wait()
-        reader.join()
-    return rc
 
 
 def is_hf_checkpoint(path: str) -> bool:
@@ -225,7 +188,9 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         **BACKEND_JOBS[cfg.train.backend](cfg, data, vocab_size),
     }
     job_path = ctx.work_dir / "job.json"
-    job_path.write_text(json.dumps(job, indent=2))
+    tmp = job_path.with_suffix(".tmp")  # other nodes read it as soon as it exists
+    tmp.write_text(json.dumps(job, indent=2))
+    os.replace(tmp, job_path)
     # 2,048 tokens/step = 4 micro x 128 seq x 2 data-parallel ranks x 2 accumulation (tiny_cpu), for example
     par = cfg.train.parallel
     layout = f" (tp {par.tp} x pp {par.pp} x dp {data_parallel_size(cfg)})" if cfg.train.backend == "megatron" else ""
@@ -234,14 +199,16 @@ def run(ctx: StageContext) -> Dict[str, Any]:
              cfg.train.seq_len, accumulation, f"{cfg.train.global_batch_tokens:,}", blocks)
     # The ranks write into a pipe; tell them whether it ends on a terminal, so they draw a progress bar.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": "1" if sys.stderr.isatty() else ""}
-    port = _free_port()
+    port = launch.free_port()
+    cmd = launch.command(cfg.launcher, ENTRIES[cfg.train.backend], job_path, port, ctx.work_dir / "launcher_logs" / "node0")
+    log.info("launch: %s", " ".join(cmd))
     clear_shm_segments(port)
     try:
-        rc = run_logged(launch_command(cfg.launcher, ENTRIES[cfg.train.backend], job_path, port), ctx.work_dir / "train.log", env)
+        rc = launch.run_logged(cmd, ctx.work_dir / "train.log", env)
     finally:
         clear_shm_segments(port)
     if rc != 0:
-        tail = (ctx.work_dir / "train.log").read_text(errors="replace").splitlines()[-25:]
-        raise StageError(f"training exited with status {rc}; rerun resumes from the last complete checkpoint. "
-                         f"Last lines of {ctx.work_dir / 'train.log'}:\n" + "\n".join(tail))
+        nodes = cfg.launcher.nnodes if cfg.launcher.name == "torchrun" else 1
+        raise StageError(f"training exited with status {rc}; rerun resumes from the last complete checkpoint.\n"
+                         + launch.failure_report(launch.node_logs(ctx.work_dir, nodes)))
     return json.loads((ctx.work_dir / "train_summary.json").read_text())

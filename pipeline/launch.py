@@ -1,0 +1,227 @@
+"""How the train stage starts its ranks: one launcher per row of LAUNCHERS, each a command line.
+
+    local      torchrun on this host (nnodes 1, a free port)
+    torchrun   multi-node torchrun, c10d rendezvous at launcher.rdzv_endpoint. The same `pipeline run`
+               runs on every node: node 0 is the driver (every stage), the others join only training
+    deepspeed  the deepspeed launcher over a hostfile ("<host> slots=<n>" per line; ssh/pdsh to the
+               other hosts, as deepspeed does)
+    slurm      inside an sbatch/salloc allocation: `srun` starts one torchrun agent per node
+
+The runner stays one process on one node. It runs the data and conversion stages once, launches
+training, waits, and on failure reports which rank failed and how (torchrun's failure summary, from
+every node's log), then the log paths. Each entry point's main is wrapped in torchelastic's `record`,
+so a rank's Python exception reaches that summary with its traceback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping
+
+from pipeline.config import ConfigError
+
+log = logging.getLogger("pipeline")
+NODE_RANK_VARS = ("NODE_RANK", "SLURM_NODEID", "GROUP_RANK")  # this node's rank, first one set wins
+
+
+def torchrun(launcher, nnodes: int, rendezvous: List[str], log_dir: Path) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+            "--nproc_per_node", str(launcher.nproc_per_node), "--max_restarts", "0", "--log-dir", str(log_dir),
+            *rendezvous]
+
+
+def c10d(endpoint: str, rdzv_id: str) -> List[str]:
+    return ["--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", rdzv_id]
+
+
+def local_command(launcher, port: int, log_dir: Path, env: Mapping[str, str]) -> List[str]:
+    return torchrun(launcher, 1, ["--master_addr", "127.0.0.1", "--master_port", str(port)], log_dir)
+
+
+def torchrun_command(launcher, port: int, log_dir: Path, env: Mapping[str, str]) -> List[str]:
+    return torchrun(launcher, launcher.nnodes, [*c10d(launcher.rdzv_endpoint, launcher.rdzv_id),
+                                                "--node_rank", str(node_rank(launcher, env))], log_dir)
+
+
+def deepspeed_command(launcher, port: int, log_dir: Path, env: Mapping[str, str]) -> List[str]:
+    exe = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [exe, "--master_port", str(launcher.master_port if launcher.hostfile else port)]
+    if launcher.hostfile:
+        hosts = read_hostfile(launcher)
+        cmd += ["--hostfile", launcher.hostfile, "--master_addr", launcher.master_addr or next(iter(hosts)),
+                "--num_nodes", str(len(hosts))]
+    return cmd + ["--num_gpus", str(launcher.nproc_per_node)]
+
+
+def slurm_command(launcher, port: int, log_dir: Path, env: Mapping[str, str]) -> List[str]:
+    if "SLURM_JOB_ID" not in env:
+        raise ConfigError("launcher.name: slurm needs a SLURM allocation (SLURM_JOB_ID is unset); submit "
+                          "launch/slurm.sbatch, or run inside salloc")
+    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    if nodes != launcher.nnodes:
+        raise ConfigError(f"launcher.nnodes: {launcher.nnodes}, but this allocation has {nodes} nodes "
+                          f"(SLURM_JOB_NUM_NODES); make them agree")
+    # the batch script runs on the allocation's first node, which is where this driver is
+    endpoint = launcher.rdzv_endpoint or f"{env.get('SLURMD_NODENAME') or socket.gethostname()}:{launcher.master_port}"
+    agents = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    return agents + torchrun(launcher, nodes, c10d(endpoint, env["SLURM_JOB_ID"]), log_dir)
+
+
+LAUNCHERS = {"local": local_command, "torchrun": torchrun_command, "deepspeed": deepspeed_command,
+             "slurm": slurm_command}
+
+
+def command(launcher, entry: Path, job_path: Path, port: int, log_dir: Path,
+            env: Mapping[str, str] = os.environ) -> List[str]:
+    """The full command line that starts every rank of `entry` on `job_path`."""
+    if launcher.name not in LAUNCHERS:
+        raise ConfigError(f"launcher.name: '{launcher.name}' is not one of {', '.join(LAUNCHERS)}")
+    return LAUNCHERS[launcher.name](launcher, port, log_dir, env) + [str(entry), str(job_path)]
+
+
+def validate(launcher) -> None:
+    """Launcher settings that can be checked before anything runs."""
+    if launcher.name not in LAUNCHERS:
+        raise ConfigError(f"launcher.name: '{launcher.name}' is not one of {', '.join(LAUNCHERS)}")
+    if launcher.name == "local" and launcher.nnodes != 1:
+        raise ConfigError(f"launcher.nnodes: {launcher.nnodes} nodes with launcher=local (this host only); use "
+                          f"launcher=torchrun, deepspeed or slurm")
+    if launcher.name == "torchrun" and launcher.nnodes > 1 and not launcher.rdzv_endpoint:
+        raise ConfigError("launcher.rdzv_endpoint: multi-node torchrun needs node 0's host:port, the same on every "
+                          "node (e.g. launcher.rdzv_endpoint=node0:29500)")
+    if launcher.name == "deepspeed" and launcher.hostfile:
+        read_hostfile(launcher)
+
+
+def read_hostfile(launcher) -> Dict[str, int]:
+    """host -> slots, from a deepspeed hostfile; every host must have launcher.nproc_per_node slots and
+    there must be launcher.nnodes of them, since the batch arithmetic is planned from those two."""
+    path = Path(launcher.hostfile)
+    if not path.is_file():
+        raise ConfigError(f"launcher.hostfile: {path} does not exist")
+    hosts: Dict[str, int] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if not m:
+            raise ConfigError(f"{path}:{number}: expected '<host> slots=<n>', got '{line}'")
+        if int(m.group(2)) != launcher.nproc_per_node:
+            raise ConfigError(f"{path}:{number}: {m.group(1)} has {m.group(2)} slots but launcher.nproc_per_node is "
+                              f"{launcher.nproc_per_node}; make them agree")
+        hosts[m.group(1)] = int(m.group(2))
+    if len(hosts) != launcher.nnodes:
+        raise ConfigError(f"launcher.nnodes: {launcher.nnodes}, but {path} lists {len(hosts)} hosts")
+    return hosts
+
+
+def node_rank(launcher, env: Mapping[str, str] = os.environ) -> int:
+    if launcher.node_rank is not None:
+        return launcher.node_rank
+    return int(next((env[v] for v in NODE_RANK_VARS if env.get(v)), 0))
+
+
+def is_joining_node(launcher, env: Mapping[str, str] = os.environ) -> bool:
+    """A multi-node torchrun node other than 0: it runs no stage, it joins node 0's training."""
+    return launcher.name == "torchrun" and launcher.nnodes > 1 and node_rank(launcher, env) != 0
+
+
+# ----------------------------------------------------------------------------- running and reporting
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
+    """Run, copying the ranks' output byte for byte to our stderr (progress bars intact) and to log_path."""
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+        def pump():
+            while chunk := proc.stdout.read1(65536):
+                logf.write(chunk)
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        rc = proc.wait()
+        reader.join()
+    return rc
+
+
+def root_causes(log_text: str) -> List[Dict[str, str]]:
+    """The failed rank of each torchrun failure summary in a log ("Root Cause (first observed failure)"):
+    its rank, host, exit code, and error (the last line of its traceback, or the signal)."""
+    causes = []
+    for section in log_text.split("Root Cause (first observed failure):")[1:]:
+        block = re.split(r"^=+$", section, maxsplit=1, flags=re.M)[0]
+        fields = dict(re.findall(r"^\s+(rank|host|exitcode)\s*:\s*(.+?)\s*$", block, re.M))
+        trace = [line.strip() for line in block.split("traceback :", 1)[-1].splitlines() if line.strip()]
+        causes.append({**fields, "error": trace[-1] if trace else ""})
+    return causes
+
+
+def failure_report(logs: List[Path]) -> str:
+    """The failed rank of every node's launch, then the driver log's last lines."""
+    lines = []
+    for path in (p for p in logs if p.is_file()):
+        for cause in root_causes(path.read_text(errors="replace")):
+            lines.append(f"rank {cause.get('rank', '?')} on {cause.get('host', '?')} failed, exit code "
+                         f"{cause.get('exitcode', '?')}: {cause['error']} (log: {path})")
+    head = "\n".join(lines) or "no rank failure was recorded; the launcher itself failed"
+    tail = logs[0].read_text(errors="replace").splitlines()[-25:] if logs[0].is_file() else []
+    return f"{head}\nLast lines of {logs[0]}:\n" + "\n".join(tail)
+
+
+# ----------------------------------------------------------------------------- nodes other than 0
+
+def join_training(runner, launcher, poll_seconds: float = 1.0) -> int:
+    """Node N > 0 of a multi-node torchrun launch. The driver on node 0 runs every stage; this node waits
+    for the train stage's job (same fingerprint, on the shared run dir), starts its torchrun agent for
+    it, and returns the agent's exit status. The c10d rendezvous is where the nodes meet."""
+    from pipeline.train.stage import ENTRIES
+
+    plan = {item.stage.name: item for item in runner.plan()}
+    fingerprint = plan["train"].fingerprint
+    partial = runner.run_dir / "train.partial"
+    rank = node_rank(launcher)
+    deadline = time.monotonic() + launcher.join_timeout
+    log.info("node %d: waiting for node 0 to start training in %s", rank, partial)
+    while True:
+        done = runner.manifest("train")
+        if done and done.get("fingerprint") == fingerprint:
+            log.info("node %d: training is already complete", rank)
+            return 0
+        marker, job_path = partial / ".fingerprint", partial / "job.json"
+        if marker.is_file() and marker.read_text() == fingerprint and job_path.is_file():
+            break
+        if time.monotonic() > deadline:
+            raise ConfigError(f"launcher.join_timeout: node 0 did not start training in {launcher.join_timeout} s "
+                              f"(no {job_path} for this config); is it running with the same config and run_dir?")
+        time.sleep(poll_seconds)
+    backend = json.loads(job_path.read_text())["train"]["backend"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": ""}
+    cmd = command(launcher, ENTRIES[backend], job_path, 0, partial / "launcher_logs" / f"node{rank}", env)
+    rc = run_logged(cmd, partial / f"train_node{rank}.log", env)
+    if rc != 0:
+        log.error("node %d: training failed (exit %d):\n%s", rank, rc,
+                  failure_report([partial / f"train_node{rank}.log"]))
+    return rc
+
+
+def node_logs(work_dir: Path, nnodes: int) -> List[Path]:
+    """The driver's train.log, then the other nodes' logs (multi-node torchrun writes them beside it)."""
+    return [work_dir / "train.log"] + [work_dir / f"train_node{n}.log" for n in range(1, nnodes)]
