@@ -4,12 +4,14 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXPERIMENT ?= tiny_cpu
+LAUNCHER   ?=
 ARGS       ?=
+IMAGE      ?= pretrain-pipeline
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup pretrain test bench clean
+.PHONY: setup pretrain test bench docker clean
 
 setup: $(STAMP)
 
@@ -22,8 +24,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[fast,test]"
 	touch $(STAMP)
 
+# make pretrain EXPERIMENT=llama2_7b_continue LAUNCHER=slurm ARGS="train.init=/models/Llama-2-7b-hf"
 pretrain: $(STAMP)
-	$(BIN)/pipeline run experiment=$(EXPERIMENT) $(ARGS)
+	$(BIN)/pipeline run experiment=$(EXPERIMENT) $(if $(LAUNCHER),launcher=$(LAUNCHER)) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(ARGS)
@@ -34,6 +37,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_hf.py model.hidden_size=512 model.num_layers=4 model.ffn_hidden_size=1408 \
 	    model.num_attention_heads=8 model.num_key_value_heads=4
 	$(BIN)/python bench/train_megatron.py
+
+docker:
+	docker build -f docker/Dockerfile -t $(IMAGE) .
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -24,8 +24,37 @@ def _runner(args) -> Runner:
     from pipeline.config import compose
     from pipeline.stages import STAGES
 
+    if getattr(args, "config_from", None):
+        return Runner(config_from(Path(args.config_from), args.overrides), STAGES)
     cfg = compose(args.overrides, Path(args.config_dir) if args.config_dir else None)
     return Runner(cfg, STAGES)
+
+
+CONFIG_GROUPS = ("experiment", "data", "tokenizer", "model", "train", "launcher")  # configs/<group>/
+
+
+def config_from(run_dir: Path, overrides: List[str]):
+    """An earlier run's resolved config (its config.yaml), with `key=value` overrides on top (say
+    run_dir=runs/again to rerun it elsewhere). Warns when the code is not the commit that ran it."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import load_saved, validate
+    from pipeline.runner import git_state, read_json
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--config-from: {saved} does not exist; give a run dir that has run (runs/<name>)")
+    for o in overrides:
+        if "=" not in o or o.split("=", 1)[0] in CONFIG_GROUPS:
+            raise ConfigError(f"{o}: with --config-from only key=value overrides apply (e.g. train.lr=1e-4), "
+                              f"not config-group choices")
+    cfg = OmegaConf.merge(load_saved(saved), OmegaConf.from_dotlist(list(overrides)))
+    validate(cfg)
+    recorded = ((read_json(run_dir / "environment.json") or {}).get("git") or {}).get("commit")
+    current = (git_state() or {}).get("commit")
+    if recorded and current and recorded != current:
+        log.warning("--config-from: %s ran at commit %s; this code is %s", run_dir, recorded[:12], current[:12])
+    return cfg
 
 
 def cmd_run(args) -> int:
@@ -156,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rerun these stages (comma separated) even if done; alone: the --only stages, or all")
     run.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     run.add_argument("--explain", action="store_true", help="print why each stage would run or be skipped")
+    run.add_argument("--config-from", metavar="RUN_DIR", help="rerun with an earlier run's resolved config "
+                     "(RUN_DIR/config.yaml); overrides are key=value on top of it")
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="which stages are done, their fingerprints, sizes, times")

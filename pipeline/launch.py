@@ -59,6 +59,8 @@ def deepspeed_command(launcher, port: int, log_dir: Path, env: Mapping[str, str]
         hosts = read_hostfile(launcher)
         cmd += ["--hostfile", launcher.hostfile, "--master_addr", launcher.master_addr or next(iter(hosts)),
                 "--num_nodes", str(len(hosts))]
+        if len(hosts) == 1:  # deepspeed checks ssh to the first host even when it will launch locally
+            cmd.append("--no_ssh_check")
     return cmd + ["--num_gpus", str(launcher.nproc_per_node)]
 
 
@@ -168,7 +170,8 @@ def root_causes(log_text: str) -> List[Dict[str, str]]:
     causes = []
     for section in log_text.split("Root Cause (first observed failure):")[1:]:
         block = re.split(r"^=+$", section, maxsplit=1, flags=re.M)[0]
-        fields = dict(re.findall(r"^\s+(rank|host|exitcode)\s*:\s*(.+?)\s*$", block, re.M))
+        # "rank : 1 (local_rank: 1)", "exitcode : -9 (pid: 123)": the leading value
+        fields = dict(re.findall(r"^\s+(rank|host|exitcode)\s*:\s*(\S+)", block, re.M))
         trace = [line.strip() for line in block.split("traceback :", 1)[-1].splitlines() if line.strip()]
         causes.append({**fields, "error": trace[-1] if trace else ""})
     return causes
@@ -181,7 +184,7 @@ def failure_report(logs: List[Path]) -> str:
         for cause in root_causes(path.read_text(errors="replace")):
             lines.append(f"rank {cause.get('rank', '?')} on {cause.get('host', '?')} failed, exit code "
                          f"{cause.get('exitcode', '?')}: {cause['error']} (log: {path})")
-    head = "\n".join(lines) or "no rank failure was recorded; the launcher itself failed"
+    head = "\n".join(lines) or "no torchrun failure summary in the logs; see their last lines"
     tail = logs[0].read_text(errors="replace").splitlines()[-25:] if logs[0].is_file() else []
     return f"{head}\nLast lines of {logs[0]}:\n" + "\n".join(tail)
 

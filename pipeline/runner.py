@@ -10,7 +10,8 @@ On disk, under the run dir:
     <stage>.partial/     work in progress; never read downstream. Resumed when its .fingerprint
                          matches and the stage is resumable, cleared otherwise
     .lock                {pid, host} of the one process writing this run dir
-    config.yaml          the fully resolved config of the last run
+    config.yaml          the fully resolved config of the last run (`pipeline run --config-from <run dir>`)
+    environment.json     what ran it: package versions, the git commit (and whether it was dirty), seeds
 An earlier output stays in place, untouched, until its replacement is complete.
 """
 from __future__ import annotations
@@ -129,12 +130,36 @@ def flatten(obj: Any, prefix: str = "") -> Dict[str, Any]:
 def package_versions() -> Dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for name in ("pipeline", "numpy", "tokenizers", "transformers", "datasets", "torch", "megatron-core",
-                 "fastokens", "gigatoken"):
+                 "deepspeed", "hydra-core", "swanlab", "fastokens", "gigatoken"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def git_state() -> Optional[Dict[str, Any]]:
+    """The commit of the code that runs, and whether the checkout has uncommitted changes; None when
+    the package is not a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def environment(cfg: DictConfig) -> Dict[str, Any]:
+    return {"packages": package_versions(), "git": git_state(), "host": socket.gethostname(), "argv": sys.argv,
+            "seeds": {key: OmegaConf.select(cfg, key) for key in ("data.mix.seed", "train.seed")},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -276,6 +301,7 @@ class Runner:
         with RunLock(self.run_dir):
             plan = self.plan(only, force)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
+            write_json_atomic(self.run_dir / "environment.json", environment(self.cfg))
             for item in plan:
                 name = item.stage.name
                 if item.action == "skip":

@@ -1,0 +1,17 @@
+"""The train entry point under your own launcher: `torchrun ... -m pipeline.train <job.json>` (or
+`deepspeed --module pipeline.train <job.json>`). The job is the one the train stage writes
+(<run_dir>/train/job.json once done, train.partial/job.json while it runs); its backend picks the entry."""
+import json
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # megatron's checkpoint writer spawns processes that re-import this module
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    job_path = sys.argv[-1]
+    backend = json.loads(Path(job_path).read_text())["train"]["backend"]
+    if backend == "megatron":
+        from pipeline.train.megatron_entry import main
+    else:
+        from pipeline.train.hf_entry import main
+    record(main)(job_path)
