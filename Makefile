@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[fast,test]"
+	$(BIN)/python -m pip install --quiet -e ".[fast,test,ray]"
 	touch $(STAMP)
 
 # make pretrain EXPERIMENT=llama2_7b_continue LAUNCHER=slurm ARGS="train.init=/models/Llama-2-7b-hf"

@@ -69,7 +69,9 @@ class SourceConfig:
 
 @dataclass
 class TokenizeConfig:
-    workers: int = 2  # worker processes; output bytes do not depend on it
+    workers: int = 2  # worker processes (executor=ray, ray_address=local: Ray CPUs); output bytes do not depend on it
+    executor: str = "local"  # local (worker processes here) | ray (Ray tasks, one per shard); same output bytes
+    ray_address: str = "local"  # executor=ray: local (an embedded Ray on this machine), auto, host:port, ray://...
     engine: Engine = Engine.auto  # auto = fastest engine verified to give HF's ids on this input
     shard_bytes: int = 8 * 1024 * 1024  # input bytes per shard: the unit of parallelism and resume
     # (output bytes do not depend on it; 8 MiB keeps 2 workers busy on a 50 MB file, and is ~125k
@@ -270,6 +272,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"{key}: required but not set (give it in the config or as {key}=...)")
     data = cfg.data
     _require(len(data.sources) > 0, "data.sources", "no sources configured")
+    _require(data.tokenize.executor in ("local", "ray"), "data.tokenize.executor",
+             f"'{data.tokenize.executor}' is not one of local, ray")
     for name, src in data.sources.items():
         key = f"data.sources.{name}"
         _require(bool(src.path), f"{key}.path", "empty path")

@@ -8,7 +8,8 @@ STAGES = [
     Stage("tokenizer", needs=(), reads=("tokenizer", "data.sources"), run=tokenizer.run,
           external_inputs=tokenizer.external_inputs),
     Stage("tokenize", needs=("tokenizer",), reads=("data.sources", "data.tokenize"), run=tokenize.run,
-          ignores=("data.tokenize.workers",), external_inputs=tokenize.external_inputs, resumable=True),
+          ignores=("data.tokenize.workers", "data.tokenize.executor", "data.tokenize.ray_address"),
+          external_inputs=tokenize.external_inputs, resumable=True),
     Stage("mix", needs=("tokenize",), reads=("data.mix",), run=mix.run),
     # train.parallel (TP/PP/VPP/SP layout) decides how the model is split, not what it learns: a
     # partial run resumes at another layout, a finished one is not redone. The import pads the

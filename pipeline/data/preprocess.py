@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accepted for Megatron compatibility; only HuggingFaceTokenizer is supported")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="fields to tokenize, one output per key")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="worker processes here, or Ray tasks")
+    p.add_argument("--ray-address", default="local", help="--executor ray: local (embedded), auto, host:port, ray://")
     p.add_argument("--append-eod", action="store_true", help="EOD token after every document")
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "fastokens", "gigatoken"])
     p.add_argument("--on-bad-record", default="error", choices=["error", "skip", "quarantine"])
@@ -52,7 +54,7 @@ def preprocess(args: argparse.Namespace) -> None:
     scratch = Path(f"{prefix}.scratch")
     tokenizer_dir = _tokenizer_dir(args.tokenizer, scratch)
     opts = TokenizeConfig(workers=args.workers, engine=args.engine, shard_bytes=args.shard_bytes,
-                          append_eod=args.append_eod)
+                          append_eod=args.append_eod, executor=args.executor, ray_address=args.ray_address)
     sources = {key: SimpleNamespace(path=args.input, text_field=key, format=None, text_unit="file",
                                     hf_name=None, hf_split="train", hf_revision=None, hf_data_files=None,
                                     max_tokens=None, on_bad_record=args.on_bad_record)

@@ -1,7 +1,7 @@
 """The `tokenize` stage (and `pipeline preprocess`): sources -> one Megatron .bin/.idx per source.
 
 Each source is cut into shards (pipeline/data/sources.py) that depend only on the input and
-`shard_bytes`. Worker processes encode shards into `<scratch>/<source>/<shard>.bin` + `.len`, then
+`shard_bytes`. Worker processes (or Ray tasks, `executor=ray`) encode shards into `<scratch>/<source>/<shard>.bin` + `.len`, then
 write the shard's marker `<shard>.json` last; a rerun after a kill redoes only shards without a
 marker. The merge concatenates shard bytes in shard order, so the output is the same bytes for any
 worker count and any crash/resume history. A source's token budget keeps whole documents, in order,
@@ -207,9 +207,91 @@ class Progress:
                      self.done, self.total, f"{self.docs / elapsed:,.0f}", f"{self.tokens / elapsed:,.0f}")
 
 
-def _run_jobs(jobs_by_source: Dict[str, List[Job]], budgets: Dict[str, Optional[int]],
-              workers: int) -> Dict[str, List[Dict[str, Any]]]:
-    """Run shard jobs in order on `workers` processes; markers per source in shard order.
+class LocalPool:
+    """Shard jobs on worker processes of this machine."""
+
+    def __init__(self, workers: int):
+        ctx = mp.get_context("spawn")  # fork would copy a tokenizer's thread pool into a broken child
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+        self.slots = workers
+
+    def submit(self, job: Job) -> cf.Future:
+        return self.pool.submit(encode_shard, job)
+
+    def wait(self, handles) -> list:
+        return list(cf.wait(handles, return_when=cf.FIRST_COMPLETED)[0])
+
+    def result(self, handle: cf.Future, job: Job) -> Dict[str, Any]:
+        return handle.result()
+
+    def close(self, handles) -> None:
+        for handle in handles:
+            handle.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ray_encode_shard(job: Job) -> Dict[str, Any]:
+    _worker_init()  # each Ray worker process: one encoder thread per task, as a local worker has
+    return encode_shard(job)
+
+
+class RayPool:
+    """Shard jobs as Ray tasks over a Ray cluster, or an embedded Ray on this machine (`local`).
+
+    Each task writes its own shard files to the run dir's scratch, so the run dir must be on storage
+    every node sees. A task whose worker dies is retried by Ray (a retry rewrites the shard from its
+    start); the marker is written last, so a killed driver's rerun redoes only unmarked shards."""
+
+    RETRIES = 3  # per task, when its worker process or node dies
+
+    def __init__(self, address: str, workers: int):
+        if address == "local":
+            # an embedded single-machine Ray: Ray would otherwise announce (and bind) this host's
+            # network address; this keeps it on loopback, as Ray does on macOS
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+
+        self.ray = ray
+        if address == "local":
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+        self.remote = ray.remote(num_cpus=1, max_retries=self.RETRIES)(_ray_encode_shard)
+        self.slots = max(1, int(ray.cluster_resources().get("CPU", workers)))
+        log.info("tokenize: Ray at %s, %d CPUs on %d node(s)", address, self.slots, len(ray.nodes()))
+
+    def submit(self, job: Job):
+        return self.remote.remote(job)
+
+    def wait(self, handles) -> list:
+        return self.ray.wait(list(handles), num_returns=1)[0]
+
+    def result(self, handle, job: Job) -> Dict[str, Any]:
+        from ray.exceptions import RayError, RayTaskError
+
+        try:
+            return self.ray.get(handle)
+        except RayTaskError as e:  # the task raised: a bad record (policy error) keeps its file:line
+            cause = e.cause if isinstance(e.cause, Exception) else e
+            if isinstance(cause, DataError):
+                raise cause from None
+            raise DataError(f"tokenize shard {job.shard.key()} of {job.shard.path} failed on a Ray worker: "
+                            f"{type(cause).__name__}: {cause}") from None
+        except RayError as e:  # the worker or its node died, more often than the retries allow
+            raise DataError(f"tokenize shard {job.shard.key()} of {job.shard.path}: {type(e).__name__}: {e}; "
+                            f"a rerun redoes only the shards without a marker") from None
+
+    def close(self, handles) -> None:
+        for handle in handles:
+            self.ray.cancel(handle, force=True)
+        self.ray.shutdown()
+
+
+def _run_jobs(jobs_by_source: Dict[str, List[Job]], budgets: Dict[str, Optional[int]], workers: int,
+              executor: str = "local", ray_address: str = "local",
+              timing: Optional[Dict[str, float]] = None) -> Dict[str, List[Dict[str, Any]]]:
+    """Run shard jobs in order, in this process (local, 1 worker), on `workers` processes (local) or as
+    Ray tasks (ray); markers per source in shard order.
 
     A source with a token budget stops getting new shards once its finished prefix covers the budget,
     so a 10B-token budget over a 1T-token source tokenizes about 10B tokens, not 1T."""
@@ -243,33 +325,32 @@ def _run_jobs(jobs_by_source: Dict[str, List[Job]], budgets: Dict[str, Optional[
         else:
             pending.append(job)
     try:
-        if workers == 1:
+        if executor == "local" and workers == 1:
             for job in pending:
                 if not covered(job.shard.source):
                     finished(job, encode_shard(job))
-        else:
-            ctx = mp.get_context("spawn")  # fork would copy a tokenizer's thread pool into a broken child
-            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-                in_flight: Dict[cf.Future, Job] = {}
+        elif pending:
+            t_start = time.perf_counter()
+            pool = RayPool(ray_address, workers) if executor == "ray" else LocalPool(workers)
+            if timing is not None:  # Ray's start (or connection) is a fixed cost per run, apart from throughput
+                timing["executor_start"] = round(time.perf_counter() - t_start, 3)
+            in_flight: Dict[Any, Job] = {}
+            try:
                 it = iter(pending)
                 while True:
-                    while len(in_flight) < 2 * workers:
+                    while len(in_flight) < 2 * pool.slots:  # a queue per worker, never the whole corpus
                         job = next(it, None)
                         if job is None:
                             break
                         if not covered(job.shard.source):
-                            in_flight[pool.submit(encode_shard, job)] = job
+                            in_flight[pool.submit(job)] = job
                     if not in_flight:
                         break
-                    ready, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
-                    for fut in ready:
-                        job = in_flight.pop(fut)
-                        try:
-                            finished(job, fut.result())
-                        except Exception:
-                            for other in in_flight:
-                                other.cancel()
-                            raise
+                    for handle in pool.wait(in_flight):
+                        job = in_flight.pop(handle)
+                        finished(job, pool.result(handle, job))
+            finally:
+                pool.close(in_flight)
     finally:
         progress.close()
     prefixes = {}
@@ -343,7 +424,9 @@ def tokenize_sources(sources: Dict[str, Any], tokenizer_dir: Path, prefixes: Dic
     }
     budgets = {name: src.max_tokens for name, src in plain.items()}
     t_shards = time.perf_counter()
-    markers = _run_jobs(jobs, budgets, opts.workers)
+    started: Dict[str, float] = {}
+    markers = _run_jobs(jobs, budgets, opts.workers, getattr(opts, "executor", "local"),
+                        getattr(opts, "ray_address", "local"), started)
     t_merge = time.perf_counter()
     per_source = {name: _merge(name, jobs[name], markers[name], prefixes[name], dtype, budgets[name])
                   for name in sources}
@@ -354,7 +437,7 @@ def tokenize_sources(sources: Dict[str, Any], tokenizer_dir: Path, prefixes: Dic
     # Where the time goes: setup (plan + engine check), shards (of which workers spent encode_share
     # inside the encoder; the rest is reading, JSON, EOD insertion and writing), merge.
     timing = {"setup": round(t_shards - t_start, 3), "shards": round(t_merge - t_shards, 3),
-              "merge": round(t_end - t_merge, 3),
+              "merge": round(t_end - t_merge, 3), "executor_start": started.get("executor_start", 0.0),
               "encode_share_of_worker_time": round(sum(m.get("encode_seconds", 0) for m in all_markers)
                                                    / max(sum(m["seconds"] for m in all_markers), 1e-9), 3)}
     return {"engine": engine, "engine_check": verification, "dtype": dtype.name, "eod_id": info["eod_id"],
