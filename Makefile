@@ -33,10 +33,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/tokenize.py
+	$(BIN)/python bench/tokenize.py --executor ray
 	$(BIN)/python bench/train_hf.py
 	$(BIN)/python bench/train_hf.py model.hidden_size=512 model.num_layers=4 model.ffn_hidden_size=1408 \
 	    model.num_attention_heads=8 model.num_key_value_heads=4
 	$(BIN)/python bench/train_megatron.py
+	$(BIN)/python bench/convert.py
 
 docker:
 	docker build -f docker/Dockerfile -t $(IMAGE) .

@@ -105,11 +105,12 @@ def run_measured(cmd: list, env: dict | None = None) -> tuple:
     return out, seconds, peak[0] / 1e6
 
 
-def preprocess(corpus: Path, tokenizer: Path, out: Path, engine: str, workers: int, executor: str = "local") -> dict:
+def preprocess(corpus: Path, tokenizer: Path, out: Path, engine: str, workers: int, executor: str = "local",
+               env: dict | None = None) -> dict:
     prefix = out / f"pre_{engine}_{executor}_{corpus.stem}"
     _, seconds, rss = run_measured([sys.executable, "-m", "pipeline.cli", "preprocess", "--input", str(corpus),
                                     "--output-prefix", str(prefix), "--tokenizer", str(tokenizer), "--workers",
-                                    str(workers), "--append-eod", "--engine", engine, "--executor", executor])
+                                    str(workers), "--append-eod", "--engine", engine, "--executor", executor], env)
     metrics = json.loads(Path(f"{prefix}.preprocess.json").read_text())
     docs = sum(s["documents"] for s in metrics["sources"].values())
     for p in (f"{prefix}_text_document.bin", f"{prefix}_text_document.idx"):
@@ -119,12 +120,15 @@ def preprocess(corpus: Path, tokenizer: Path, out: Path, engine: str, workers: i
 
 
 def bench_ray(corpus: Path, tokenizer: Path, out: Path, rounds: int) -> None:
-    """Ray tasks against local worker processes, 1 and 2 of each, interleaved rounds, best time kept."""
+    """Ray tasks against local worker processes, 1 and 2 of each, interleaved rounds, best time kept.
+    One encoder thread per worker on both sides (a local run with 1 worker encodes in its own process,
+    where the encoder would otherwise use every core); no Ray auth token written to ~/.ray."""
+    env = {**os.environ, "RAYON_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
     best: dict = {}
     for _ in range(rounds):
         for workers in (1, 2):
             for executor in ("local", "ray"):
-                r = preprocess(corpus, tokenizer, out, "hf", workers, executor)
+                r = preprocess(corpus, tokenizer, out, "hf", workers, executor, env)
                 r["work_seconds"] = r["seconds"] - r["executor_start"]
                 key = (executor, workers)
                 if key not in best or r["work_seconds"] < best[key]["work_seconds"]:
