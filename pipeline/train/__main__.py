@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # megatron's checkpoint writer spawns processes that re-import this module
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     job_path = sys.argv[-1]
-    backend = json.loads(Path(job_path).read_text())["train"]["backend"]
-    if backend == "megatron":
+    if json.loads(Path(job_path).read_text())["train"]["backend"] == "megatron":
+        from torch.distributed.elastic.multiprocessing.errors import record
+
         from pipeline.train.megatron_entry import main
+
+        record(main)(job_path)
     else:
-        from pipeline.train.hf_entry import main
-    record(main)(job_path)
+        from pipeline.train.hf_entry import run_and_exit
+
+        run_and_exit(job_path)

@@ -210,14 +210,19 @@ def main(job_path: str) -> None:
         dist.destroy_process_group()  # without it gloo's threads abort the process at exit
 
 
-if __name__ == "__main__":
+def run_and_exit(job_path: str) -> None:
+    """The process entry: main under torchelastic's `record` (a failure reaches torchrun's summary with
+    its traceback), then a plain exit. Once main returns, everything is saved and every rank has passed
+    the final barrier. Interpreter teardown can still abort a rank ("terminate called without an
+    active exception": a native DeepSpeed/gloo thread destroyed while joinable; seen about once in 20
+    ZeRO-3 runs under torchrun on CPU), which would fail a finished run. So it is skipped."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(main)(sys.argv[-1])  # a failure reaches torchrun's summary with its traceback
-    # Everything is saved and every rank has passed the final barrier. Interpreter teardown can still
-    # abort a rank ("terminate called without an active exception": a native DeepSpeed/gloo thread
-    # destroyed while joinable; seen about once in 20 ZeRO-3 runs under torchrun on CPU), which would
-    # fail a finished run. So skip it.
+    record(main)(job_path)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+if __name__ == "__main__":
+    run_and_exit(sys.argv[-1])
