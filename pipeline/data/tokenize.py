@@ -1,9 +1,9 @@
 """The `tokenize` stage (and `pipeline preprocess`): sources -> one Megatron .bin/.idx per source.
 
 Each source is cut into shards (pipeline/data/sources.py) that depend only on the input and
-`shard_bytes`. Worker processes (or Ray tasks, `executor=ray`) encode shards into `<scratch>/<source>/<shard>.bin` + `.len`, then
-write the shard's marker `<shard>.json` last; a rerun after a kill redoes only shards without a
-marker. The merge concatenates shard bytes in shard order, so the output is the same bytes for any
+`shard_bytes`. Worker processes (or Ray tasks, `executor=ray`) encode shards into
+`<scratch>/<source>/<shard>.bin` + `.len`, then write the shard's marker `<shard>.json` last; a
+rerun after a kill redoes only shards without a marker. The merge concatenates shard bytes in shard order, so the output is the same bytes for any
 worker count and any crash/resume history. A source's token budget keeps whole documents, in order,
 while the running total stays within it.
 """
