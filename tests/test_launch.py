@@ -65,6 +65,37 @@ def test_slurm_launches_one_torchrun_agent_per_node_with_srun():
         launch.command(slurm_launcher(), Path("e"), Path("j"), 0, Path("l"), {**env, "SLURM_JOB_NUM_NODES": "4"})
 
 
+STAND_IN_SRUN = """#!/usr/bin/env bash
+# srun for a machine without SLURM: the command once per node of --nodes, with SLURM_NODEID set
+nodes=1
+while [[ "$1" == --* ]]; do case "$1" in --nodes=*) nodes=${1#--nodes=};; esac; shift; done
+pids=()
+for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
+
+
+def test_the_slurm_launcher_trains_through_srun_on_two_agents(corpus, run_copy, tmp_path):
+    """The srun line the slurm launcher makes, run by a stand-in srun: two torchrun agents on loopback
+    meet at the c10d rendezvous on the driver's node and train to the end."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(STAND_IN_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2",
+           "SLURMD_NODENAME": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+    args = fast_overrides(corpus, run_copy, *QUICK, "launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=1",
+                          f"launcher.master_port={launch.free_port()}")
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", *args, *TRAIN], env=env,
+                            capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launch: srun --nodes=2" in result.stderr
+    summary = json.loads((run_copy / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["world_size"] == 2
+
+
 def test_a_bad_hostfile_names_its_line(tmp_path, capsys):
     hostfile = tmp_path / "hostfile"
     args = ("run", "launcher=deepspeed", f"launcher.hostfile={hostfile}", f"run_dir={tmp_path / 'r'}", "--dry-run")
