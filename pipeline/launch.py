@@ -84,9 +84,8 @@ LAUNCHERS = {"local": local_command, "torchrun": torchrun_command, "deepspeed": 
 
 def command(launcher, entry: Path, job_path: Path, port: int, log_dir: Path,
             env: Mapping[str, str] = os.environ) -> List[str]:
-    """The full command line that starts every rank of `entry` on `job_path`."""
-    if launcher.name not in LAUNCHERS:
-        raise ConfigError(f"launcher.name: '{launcher.name}' is not one of {', '.join(LAUNCHERS)}")
+    """The full command line that starts every rank of `entry` on `job_path` (the launcher name was
+    checked by `validate` when the config was composed)."""
     return LAUNCHERS[launcher.name](launcher, port, log_dir, env) + [str(entry), str(job_path)]
 
 

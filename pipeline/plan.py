@@ -65,7 +65,8 @@ def memory_per_gpu(cfg: DictConfig, params: int, vocab: int) -> Tuple[float, flo
         tp, pp = par.tp, par.pp
         states = params / (tp * pp) * (2 + 4 + (12 / dp if par.distributed_optimizer else 12))
         per_layer = {"full": 2.0}.get(value_of(par.recompute), 34 / tp if par.sequence_parallel else 10 + 24 / tp)
-        activations = (m.num_layers / pp) * per_layer * s * b * h * pp + s * b * vocab / tp * 6
+        # layers / pp per stage, times pp micro batches in flight on the first stage (1F1B)
+        activations = m.num_layers * per_layer * s * b * h + s * b * vocab / tp * 6
         return states, activations
     z = t.zero_stage
     states = params * (2 / (dp if z >= 3 else 1) + 2 / (dp if z >= 2 else 1) + 12 / (dp if z >= 1 else 1))

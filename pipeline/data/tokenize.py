@@ -225,9 +225,7 @@ class LocalPool:
         return handle.result()
 
     def close(self, handles) -> None:
-        for handle in handles:
-            handle.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)  # cancels whatever has not started
 
 
 def _ray_encode_shard(job: Job) -> Dict[str, Any]:
