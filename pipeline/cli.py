@@ -1,4 +1,4 @@
-"""`pipeline run | status | preprocess`. Overrides are Hydra's: `pipeline run data.mix.weights.code=0.2`."""
+"""`pipeline run | status | clean | convert | verify | preprocess`. Overrides are Hydra's: `pipeline run data.mix.weights.code=0.2`."""
 from __future__ import annotations
 
 import argparse
@@ -61,20 +61,24 @@ def cmd_run(args) -> int:
     from pipeline import launch, plan
 
     runner = _runner(args)
-    only = _stages(args.only)
+    only, restart = _stages(args.only), _stages(args.restart)
     force = _stages(args.force) if args.force != "*" else (only or list(runner.stages))
     if args.dry_run or args.explain:
-        for item in runner.plan(only, force):
+        items = runner.plan(only, force + restart)
+        for item in items:
             print(f"{item.stage.name:<10} {item.action:<5} {item.fingerprint[:12]}")
             if args.explain:
                 for reason in item.reasons or ["up to date: same fingerprint, outputs present"]:
                     print(f"    {reason}")
+                for note in item.notes:
+                    print(f"    {note}")
         lines, warnings = plan.training_plan(runner.cfg)
         print("\n".join(["", *lines, *(f"WARNING    {w}" for w in warnings)]))
+        runner.check(items, restart)  # the checks a run makes before its first stage
         return 0
     if launch.is_joining_node(runner.cfg.launcher):
         return launch.join_training(runner, runner.cfg.launcher)
-    runner.run(only, force)
+    runner.run(only, force, restart)
     log.info("run dir: %s", runner.run_dir)
     return 0
 
@@ -88,8 +92,27 @@ def cmd_status(args) -> int:
     for r in rows:
         finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["finished"])) if r["finished"] else "-"
         size = f"{r['bytes'] / 1e6:.1f} MB" if r["bytes"] else "-"
+        where = f"  {Path(r['dir']).name}/" if r["status"] == "aside" else ""
         print(f"{r['stage']:<10} {r['status']:<8} {r['fingerprint'][:12]:<13} {size:>10} "
-              f"{r['seconds'] if r['seconds'] is not None else '-':>8}  {finished}")
+              f"{r['seconds'] if r['seconds'] is not None else '-':>8}  {finished}{where}")
+    return 0
+
+
+def cmd_clean(args) -> int:
+    """Remove the partial dirs that --restart moved aside, on request: without --yes, only list them."""
+    import shutil
+
+    runner = _runner(args)
+    leftovers = runner.leftovers()
+    if not leftovers:
+        print(f"nothing to clean in {runner.run_dir}")
+    for path in leftovers:
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        if args.yes:
+            shutil.rmtree(path)
+        print(f"{'removed' if args.yes else 'would remove'} {path} ({size / 1e6:.1f} MB)")
+    if leftovers and not args.yes:
+        print("run `pipeline clean --yes` (with the same run dir) to remove them")
     return 0
 
 
@@ -185,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rerun these stages (comma separated) even if done; alone: the --only stages, or all")
     run.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     run.add_argument("--explain", action="store_true", help="print why each stage would run or be skipped")
+    run.add_argument("--restart", default="", metavar="STAGES",
+                     help="start these stages (comma separated) over: their partial work (checkpoints included) is "
+                          "moved aside to <stage>.restarted-<time>/, never deleted")
     run.add_argument("--config-from", metavar="RUN_DIR", help="rerun with an earlier run's resolved config "
                      "(RUN_DIR/config.yaml); overrides are key=value on top of it")
     run.set_defaults(func=cmd_run)
@@ -193,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_overrides(status)
     status.add_argument("--json", action="store_true", help="machine-readable: status, fingerprint, outputs")
     status.set_defaults(func=cmd_status)
+
+    clean = sub.add_parser("clean", help="list (or with --yes remove) the partial dirs --restart moved aside")
+    with_overrides(clean)
+    clean.add_argument("--yes", action="store_true", help="remove them; without it, only list what would go")
+    clean.set_defaults(func=cmd_clean)
 
     conv = sub.add_parser("convert", help="checkpoint HF <-> Megatron, or Megatron -> Megatron: src=<dir> dst=<dir> "
                                           "to=hf|megatron [tp=N pp=N format=torch_dist|torch dtype=fp32|bf16|fp16 "

@@ -7,10 +7,12 @@ Cross-field rules (weights name existing sources, a budget stop needs a budget, 
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -19,6 +21,19 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and what to do."""
+
+
+# What vs how. A field marked `how` changes how a stage runs (processes, ports, trackers, logging,
+# parallel layout, check thresholds), never what it writes, so it is left out of every fingerprint:
+# changing it resumes a partial stage and keeps a finished one. Every other field is identity.
+HOW = {"how": True}
+
+
+def how(default: Any = None, *, factory: Any = None) -> Any:
+    """A how-only field (see HOW)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=HOW)
+    return field(default=default, metadata=HOW)
 
 
 class BadRecordPolicy(str, enum.Enum):
@@ -69,9 +84,9 @@ class SourceConfig:
 
 @dataclass
 class TokenizeConfig:
-    workers: int = 2  # worker processes (executor=ray, ray_address=local: Ray CPUs); output bytes do not depend on it
-    executor: str = "local"  # local (worker processes here) | ray (Ray tasks, one per shard); same output bytes
-    ray_address: str = "local"  # executor=ray: local (an embedded Ray on this machine), auto, host:port, ray://...
+    workers: int = how(2)  # worker processes (executor=ray, ray_address=local: Ray CPUs); output bytes do not depend on it
+    executor: str = how("local")  # local (worker processes here) | ray (Ray tasks, one per shard); same output bytes
+    ray_address: str = how("local")  # executor=ray: local (an embedded Ray on this machine), auto, host:port, ray://...
     engine: Engine = Engine.auto  # auto = fastest engine verified to give HF's ids on this input
     shard_bytes: int = 8 * 1024 * 1024  # input bytes per shard: the unit of parallelism and resume
     # (output bytes do not depend on it; 8 MiB keeps 2 workers busy on a 50 MB file, and is ~125k
@@ -80,7 +95,7 @@ class TokenizeConfig:
     append_eod: bool = True  # EOD after every document (Megatron's --append-eod)
     add_special_tokens: bool = True  # as HF `tokenizer(text)` and Megatron's preprocess_data.py do
     split_chars: int = 1_000_000  # documents longer than this are encoded in pieces cut at line starts
-    verify_docs: int = 256  # documents per source (and at most 512 KiB of each) to verify a fast engine against HF
+    verify_docs: int = how(256)  # documents per source (and at most 512 KiB of each) to verify a fast engine against HF
 
 
 @dataclass
@@ -177,15 +192,17 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: float = 0.1  # < 1: fraction of the run's steps; >= 1: steps
     save_every: float = 0.1  # same; checkpoints also serve resume
-    keep_checkpoints: int = 2  # newest checkpoints kept (the best by eval loss is kept too)
+    keep_checkpoints: int = how(2)  # newest checkpoints kept (the best by eval loss is kept too)
     zero_stage: int = 2  # hf: DeepSpeed ZeRO stage 0-3 (configs/deepspeed/zero<N>.json)
     offload: bool = False  # ZeRO optimizer (and, at stage 3, parameter) offload to CPU
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    tracker: Tracker = Tracker.swanlab
-    tracker_mode: str = "local"  # swanlab: local (offline, `swanlab watch <dir>`) | cloud
-    logging_steps: int = 1
+    tracker: Tracker = how(Tracker.swanlab)
+    tracker_mode: str = how("local")  # swanlab: local (offline, `swanlab watch <dir>`) | cloud
+    logging_steps: int = how(1)
     seed: int = 42
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # megatron: TP/PP/VPP/SP layout
+    parallel: ParallelConfig = how(factory=ParallelConfig)  # megatron: TP/PP/VPP/SP layout
+    resume_from: Optional[str] = how(None)  # a checkpoint to resume from instead of the newest complete one: hf
+    # a checkpoint-<step> dir, megatron an iter_<step> dir (or a checkpoints dir with its tracker file)
     make_vocab_size_divisible_by: int = 128  # megatron: embedding rows padded to a multiple of this x tp
 
 
@@ -215,7 +232,7 @@ class ExportConfig:
     tp: int = 1  # the Megatron copy's embedding is padded for this TP (make_vocab_size_divisible_by x tp)
     make_vocab_size_divisible_by: int = 128
     dtype: Optional[str] = None  # fp32 | bf16 | fp16; None = as trained
-    tolerance: float = 1e-4  # max |logit difference| allowed by the check; raise it for bf16/fp16 exports
+    tolerance: float = how(1e-4)  # max |logit difference| allowed by the check; raise it for bf16/fp16 exports
 
 
 @dataclass
@@ -227,8 +244,55 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    launcher: LauncherConfig = how(factory=LauncherConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def how_keys(schema: Optional[type] = None, prefix: str = "") -> List[str]:
+    """Dotted keys of the how-only fields of the schema; `*` stands for any key of a dict field."""
+    schema = schema or Config
+    hints = typing.get_type_hints(schema)
+    keys: List[str] = []
+    for f in dataclasses.fields(schema):
+        key, kind = f"{prefix}{f.name}", hints[f.name]
+        if f.metadata.get("how"):
+            keys.append(key)
+        elif dataclasses.is_dataclass(kind):
+            keys += how_keys(kind, key + ".")
+        elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(typing.get_args(kind)[1]):
+            keys += how_keys(typing.get_args(kind)[1], key + ".*.")
+    return keys
+
+
+def strip_how(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Take the how-only values out of `{read key: plain value}` (what a stage sees), in place; returns
+    them as `{dotted key: value}`. What is left is the stage's identity."""
+    removed: Dict[str, Any] = {}
+    for read in list(config):
+        read_parts = read.split(".")
+        for pattern in HOW_KEYS:
+            parts = pattern.split(".")
+            if not all(p in ("*", r) for p, r in zip(parts, read_parts)):
+                continue
+            if len(parts) <= len(read_parts):  # the read key lies inside a how-only field: all of it goes
+                removed[read] = config.pop(read)
+                break
+            _pop_how(config[read], parts[len(read_parts):], read, removed)
+    return removed
+
+
+def _pop_how(node: Any, parts: List[str], prefix: str, removed: Dict[str, Any]) -> None:
+    if not isinstance(node, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    for key in (list(node) if head == "*" else [head]):
+        if key in node and rest:
+            _pop_how(node[key], rest, f"{prefix}.{key}", removed)
+        elif key in node:
+            removed[f"{prefix}.{key}"] = node.pop(key)
+
+
+HOW_KEYS = how_keys(Config)  # launcher, train.parallel, train.tracker, data.tokenize.workers, ...
 
 
 def _register() -> None:
@@ -385,9 +449,6 @@ def validate_training(cfg: DictConfig) -> None:
     _require(m.num_attention_heads % kv == 0, "model.num_key_value_heads",
              f"{m.num_attention_heads} attention heads are not divisible by {kv} key/value heads")
     _require(world_size(cfg) >= 1, "launcher.nproc_per_node", "world size must be >= 1")
-    from pipeline.launch import validate as validate_launcher  # launch.py imports this module
-
-    validate_launcher(cfg.launcher)
     if t.backend == "megatron":
         validate_megatron_layout(cfg)
     grad_accumulation(cfg)

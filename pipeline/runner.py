@@ -8,7 +8,10 @@ config alone, so the whole plan is known before anything runs.
 On disk, under the run dir:
     <stage>/             published output; MANIFEST.json inside, written last (tmp + rename)
     <stage>.partial/     work in progress; never read downstream. Resumed when its .fingerprint
-                         matches and the stage is resumable, cleared otherwise
+                         matches and the stage is resumable. Otherwise cleared, unless it holds costly
+                         work (checkpoints, finished shards): then the run stops and names what changed
+    <stage>.restarted-<time>/  a partial moved aside by `pipeline run --restart <stage>`; kept until
+                         `pipeline clean`
     .lock                {pid, host} of the one process writing this run dir
     config.yaml          the fully resolved config of the last run (`pipeline run --config-from <run dir>`)
     environment.json     what ran it: package versions, the git commit (and whether it was dirty), seeds
@@ -16,6 +19,7 @@ An earlier output stays in place, untouched, until its replacement is complete.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -31,11 +35,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import run_dir_of, subtree
+from pipeline.config import run_dir_of, strip_how, subtree
 
 log = logging.getLogger("pipeline")
 
 MANIFEST = "MANIFEST.json"
+IDENTITY = ".identity.json"  # in a partial dir: what its fingerprint hashed, so a change can be named
+ASIDE = ".restarted-"  # <stage>.restarted-<time>: a partial moved aside by --restart
 SCRATCH = "_scratch"  # inside a work dir: resumable state the stage keeps, dropped before publishing
 HASH_LIMIT = 64 * 1024 * 1024  # files above this are identified by size+mtime (inputs) or size (outputs)
 HASH_TOTAL_LIMIT = 1 << 30  # a stage whose inputs add up to more is identified by size+mtime throughout,
@@ -53,9 +59,16 @@ class Stage:
     reads: Tuple[str, ...]  # config keys (dotted) this stage sees; nothing else is visible to it
     run: Callable[["StageContext"], Dict[str, Any]]  # does the work, returns metrics for the manifest
     version: str = "1"  # bump when a code change changes the output for the same config
-    ignores: Tuple[str, ...] = ()  # keys under `reads` that change how it runs, not what it writes
     external_inputs: Optional[Callable[[DictConfig], List[str]]] = None  # files outside the run dir
     resumable: bool = False  # a partial work dir with the same fingerprint is kept for run() to resume
+    # resumable stages: the files in a partial dir that hold costly work (complete checkpoints, finished
+    # shards); a partial holding any is never removed without --restart
+    holds_work: Optional[Callable[[Path], List[str]]] = None
+    # checks that need only the config and the machine; run for every planned stage before any starts
+    check: Optional[Callable[[DictConfig], None]] = None
+    # output globs that programs users point at them rewrite (tracker logs, logs, summaries): listed in the
+    # manifest but not pinned, so opening a dashboard never makes a stage stale
+    unpinned: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -213,8 +226,10 @@ class PlanItem:
     stage: Stage
     fingerprint: str
     parts: Dict[str, Any]  # what the fingerprint hashes, kept in the manifest for --explain
+    how: Dict[str, Any] = field(default_factory=dict)  # the how-only values it sees, outside the fingerprint
     action: str = "skip"  # skip | run
     reasons: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # how-only changes: they do not rerun or restart it
 
 
 class Runner:
@@ -232,18 +247,10 @@ class Runner:
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name
 
-    def fingerprint(self, stage: Stage, upstream: Dict[str, str]) -> Tuple[str, Dict[str, Any]]:
+    def fingerprint(self, stage: Stage, upstream: Dict[str, str]) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+        """(fingerprint, the parts it hashes, the how-only values left out of it)."""
         config = {key: subtree(self.cfg, key) for key in stage.reads}
-        for key in stage.ignores:  # e.g. data.tokenize.workers: output bytes do not depend on it
-            if key in config:  # a whole read key, visible to the stage but not part of its identity
-                config.pop(key)
-                continue
-            read = next(r for r in stage.reads if key.startswith(r + "."))
-            *parents, leaf = key[len(read) + 1:].split(".")
-            node = config[read]
-            for p in parents:
-                node = node[p]
-            node.pop(leaf, None)
+        how = strip_how(config)  # launcher, trackers, logging, workers, layout: see pipeline/config.py
         inputs = {}
         if stage.external_inputs:
             paths = tuple(stage.external_inputs(self.cfg))
@@ -252,7 +259,7 @@ class Runner:
             inputs = self._identity_cache[paths]
         parts = {"code": stage.version, "config": config,
                  "upstream": {u: upstream[u] for u in stage.needs}, "inputs": inputs}
-        return hashlib.sha256(canonical_json(parts).encode()).hexdigest(), parts
+        return hashlib.sha256(canonical_json(parts).encode()).hexdigest(), parts, how
 
     def manifest(self, name: str) -> Optional[Dict[str, Any]]:
         return read_json(self.stage_dir(name) / MANIFEST)
@@ -260,6 +267,8 @@ class Runner:
     def missing_outputs(self, name: str, manifest: Dict[str, Any]) -> List[str]:
         missing = []
         for rel, ident in manifest.get("outputs", {}).items():
+            if _unpinned(self.stages[name], rel):  # a manifest from before the stage unpinned it
+                continue
             path = self.stage_dir(name) / rel
             if not path.is_file() or path.stat().st_size != ident["size"]:
                 missing.append(rel)
@@ -273,19 +282,25 @@ class Runner:
         items: Dict[str, PlanItem] = {}
         for name in self.order:
             stage = self.stages[name]
-            fp, parts = self.fingerprint(stage, fps)
+            fp, parts, how = self.fingerprint(stage, fps)
             fps[name] = fp
-            item = PlanItem(stage, fp, parts)
+            item = PlanItem(stage, fp, parts, how)
             items[name] = item
             man = self.manifest(name)
             if name in force:
                 item.reasons.append("forced (--force)")
             if man is None:
                 item.reasons.append("never completed (no MANIFEST.json)")
+                partial = read_json(self.partial_dir(name) / IDENTITY)
+                if partial and partial.get("fingerprint") == fp and stage.resumable:
+                    item.reasons.append(f"resumes the partial work in {self.partial_dir(name).name}/")
+                    item.notes = explain_how(partial.get("how", {}), how)
             elif man.get("fingerprint") != fp:
                 item.reasons.extend(explain_change(man.get("fingerprint_parts", {}), parts))
             elif missing := self.missing_outputs(name, man):
                 item.reasons.append(f"outputs missing or changed size: {', '.join(missing[:5])}")
+            else:
+                item.notes = explain_how(man.get("how", {}), how)
             if item.reasons:
                 item.action = "run"
         selected = list(only) if only else self.order
@@ -297,9 +312,66 @@ class Runner:
 
     # ------------------------------------------------------------------------- running
 
-    def run(self, only: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> List[PlanItem]:
+    def partial_dir(self, name: str) -> Path:
+        return self.run_dir / f"{name}.partial"
+
+    def check(self, plan: Sequence[PlanItem], restart: Sequence[str] = ()) -> None:
+        """Before anything runs (and under --dry-run): each planned stage's config checks, and no partial
+        that holds costly work is in the way of a stage whose identity changed (unless it is restarted)."""
+        for item in plan:
+            if item.action == "run" and item.stage.check:
+                item.stage.check(self.cfg)
+        for item in plan:
+            if item.action == "run" and item.stage.name not in restart:
+                self._refuse_to_drop(item)
+
+    def _refuse_to_drop(self, item: PlanItem) -> None:
+        stage, partial = item.stage, self.partial_dir(item.stage.name)
+        if not (stage.resumable and stage.holds_work and partial.is_dir()):
+            return
+        recorded = read_json(partial / IDENTITY) or {}
+        if recorded.get("fingerprint") == item.fingerprint or _read_text(partial / ".fingerprint") == item.fingerprint:
+            return  # it resumes
+        work = stage.holds_work(partial)
+        if not work:
+            return
+        changes = (explain_change(recorded["parts"], item.parts) if "parts" in recorded
+                   else ["fingerprint changed (this partial predates the record of its config)"])
+        shown = ", ".join(work[:3]) + (f" and {len(work) - 3} more" if len(work) > 3 else "")
+        raise StageError(
+            f"stage {stage.name}: {partial} holds costly work ({shown}) made for another identity:\n"
+            + "".join(f"    {c}\n" for c in changes)
+            + f"Nothing was removed. Either put the old values back to resume it, or start over with "
+              f"`pipeline run --restart {stage.name}` (the partial is moved aside to "
+              f"{stage.name}{ASIDE}<time>/ and kept until `pipeline clean`)")
+
+    def restart(self, names: Sequence[str]) -> List[Path]:
+        """--restart: move these stages' partial dirs aside (never delete them); they then start over."""
+        moved = []
+        for name in names:
+            if name not in self.stages:
+                raise StageError(f"unknown stage '{name}'; stages are: {', '.join(self.order)}")
+            partial = self.partial_dir(name)
+            if partial.is_dir():
+                aside = self.run_dir / f"{name}{ASIDE}{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(partial, aside)
+                log.info("[%s] --restart: moved %s aside to %s", name, partial.name, aside.name)
+                moved.append(aside)
+        return moved
+
+    def leftovers(self) -> List[Path]:
+        """Partials moved aside by --restart, oldest first; `pipeline clean` removes them on request."""
+        return sorted(p for p in self.run_dir.glob(f"*{ASIDE}*") if p.is_dir())
+
+    def run(self, only: Optional[Sequence[str]] = None, force: Sequence[str] = (),
+            restart: Sequence[str] = ()) -> List[PlanItem]:
         with RunLock(self.run_dir):
+            force = list(force) + [n for n in restart if n not in force]
             plan = self.plan(only, force)
+            self.check(plan, restart)  # before any stage runs or any partial is moved
+            if restart:
+                self.restart(restart)
+                plan = self.plan(only, force)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml")
             write_json_atomic(self.run_dir / "environment.json", environment(self.cfg))
             for item in plan:
@@ -314,21 +386,25 @@ class Runner:
                             f"stage {name} needs {up}, which is not complete for this config; "
                             f"run it first (drop --only, or add it: --only {up},{name})")
                 log.info("[%s] run: %s", name, "; ".join(item.reasons))
+                for note in item.notes:
+                    log.info("[%s] %s", name, note)
                 self._execute(item)
             return plan
 
     def _execute(self, item: PlanItem) -> None:
         stage, name = item.stage, item.stage.name
-        final, partial = self.stage_dir(name), self.run_dir / f"{name}.partial"
+        final, partial = self.stage_dir(name), self.partial_dir(name)
         marker = partial / ".fingerprint"
         if partial.exists():
-            resumable = stage.resumable and marker.is_file() and marker.read_text() == item.fingerprint
+            resumable = stage.resumable and _read_text(marker) == item.fingerprint
             if resumable:
                 log.info("[%s] resuming partial work in %s", name, partial)
             else:
+                self._refuse_to_drop(item)  # checked before the run too; the partial may have changed since
                 shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
         marker.write_text(item.fingerprint)
+        write_json_atomic(partial / IDENTITY, {"fingerprint": item.fingerprint, "parts": item.parts, "how": item.how})
         ctx = StageContext(
             cfg=_restrict(self.cfg, stage.reads),
             work_dir=partial,
@@ -341,12 +417,16 @@ class Runner:
         metrics = stage.run(ctx) or {}
         shutil.rmtree(partial / SCRATCH, ignore_errors=True)
         marker.unlink()
+        (partial / IDENTITY).unlink()
+        outputs = _describe_outputs(partial)
         manifest = {
             "stage": name,
             "fingerprint": item.fingerprint,
             "fingerprint_parts": item.parts,
+            "how": item.how,  # not hashed; `--explain` names how-only changes from it
             "status": "complete",
-            "outputs": _describe_outputs(partial),
+            "outputs": {rel: o for rel, o in outputs.items() if not _unpinned(stage, rel)},
+            "unpinned": {rel: o["size"] for rel, o in outputs.items() if _unpinned(stage, rel)},
             "metrics": metrics,
             "started": started,
             "finished": time.time(),
@@ -365,7 +445,7 @@ class Runner:
             name = item.stage.name
             man = self.manifest(name) or {}
             if not man:
-                state = "partial" if (self.run_dir / f"{name}.partial").exists() else "missing"
+                state = "partial" if self.partial_dir(name).exists() else "missing"
             elif item.action == "run":
                 state = "stale"
             else:
@@ -383,7 +463,27 @@ class Runner:
                 "seconds": man.get("seconds"),
                 "finished": man.get("finished"),
             })
+        for aside in self.leftovers():
+            rows.append({"stage": aside.name.split(ASIDE)[0], "status": "aside", "fingerprint": "",
+                         "manifest_fingerprint": None, "reasons": ["moved aside by --restart; `pipeline clean` removes it"],
+                         "dir": str(aside), "outputs": {}, "bytes": _dir_bytes(aside), "seconds": None,
+                         "finished": aside.stat().st_mtime})
         return rows
+
+
+def _read_text(path: Path) -> Optional[str]:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _unpinned(stage: Stage, rel: str) -> bool:
+    return any(fnmatch.fnmatch(rel, pattern) for pattern in stage.unpinned)  # `*` matches across `/` too
 
 
 def _restrict(cfg: DictConfig, keys: Sequence[str]) -> DictConfig:
@@ -400,7 +500,7 @@ def _describe_outputs(directory: Path) -> Dict[str, Dict[str, Any]]:
     outputs = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = str(path.relative_to(directory))
-        if rel == ".fingerprint":
+        if rel in (".fingerprint", IDENTITY):
             continue
         size = path.stat().st_size
         outputs[rel] = {"size": size, "sha256": sha256_file(path)} if size <= HASH_LIMIT else {"size": size}
@@ -415,6 +515,13 @@ def _publish(partial: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(partial, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def explain_how(before: Dict[str, Any], after: Dict[str, Any]) -> List[str]:
+    """Name the how-only values that differ from the last run's: they change nothing it computes."""
+    old, new = flatten(before), flatten(after)
+    return [f"how only (resumes, reruns nothing): {key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key, "<unset>") != new.get(key, "<unset>")]
 
 
 def explain_change(before: Dict[str, Any], after: Dict[str, Any]) -> List[str]:

@@ -30,7 +30,7 @@ from pipeline.data.indexed import IndexedWriter, token_dtype
 from pipeline.data.sources import (DataError, RecordSink, RecordStats, Shard, first_documents, local_files,
                                    plan_shards, read_shard)
 from pipeline.data.tokenizer import TOKENIZER_FILE, tokenizer_info
-from pipeline.runner import StageContext, write_json_atomic
+from pipeline.runner import SCRATCH, StageContext, write_json_atomic
 
 log = logging.getLogger("pipeline")
 
@@ -462,3 +462,8 @@ def run(ctx: StageContext) -> Dict[str, Any]:
 
 def external_inputs(cfg) -> List[str]:
     return [f for name, src in cfg.data.sources.items() for f in local_files(src, f"data.sources.{name}")]
+
+
+def shards_done(work_dir: Path) -> List[str]:
+    """The finished shards (marker written) in a partial tokenize dir: the work a rerun would keep."""
+    return sorted(str(p.relative_to(work_dir)) for p in (work_dir / SCRATCH).glob("*/*.json"))

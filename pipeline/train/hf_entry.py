@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-COMPLETE = "PIPELINE_COMPLETE.json"
+from pipeline.train.checkpoints import COMPLETE
 LOG = "train_log.jsonl"  # one JSON line per logged step, rank 0, appended across resumes
 
 # HF config field per schema field, for each family (AutoConfig.for_model(family, ...)).
@@ -151,6 +151,10 @@ def main(job_path: str) -> None:
                 with open(out / LOG, "a") as f:
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
+        def on_train_begin(self, args, state, control, **kw):
+            if resume and state.is_world_process_zero:  # the Trainer has loaded the checkpoint's state by now
+                print(f"resuming from {resume.name}, step {state.global_step} of {state.max_steps}", flush=True)
+
         def on_save(self, args, state, control, **kw):
             if dist.is_initialized():
                 dist.barrier()  # every rank has written its shards
@@ -185,11 +189,18 @@ def main(job_path: str) -> None:
     callbacks = [PipelineCallback()] + ([swan] if swan else [])
     args = training_arguments(job, precision, cuda, report_to=trackers[t["tracker"]])
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, callbacks=callbacks)
-    resume = last_complete_checkpoint(ckpt_dir, identity) if ckpt_dir.exists() else None
+    if t.get("resume_from"):  # train.resume_from: a chosen checkpoint, checked like the newest one would be
+        resume = Path(t["resume_from"])
+        if (resume / COMPLETE).is_file():
+            check_identity(json.loads((resume / COMPLETE).read_text()), identity, resume)
+    else:
+        resume = last_complete_checkpoint(ckpt_dir, identity) if ckpt_dir.exists() else None
     if rank == 0 and ckpt_dir.exists():  # checkpoints a kill left half-written are never read
         for p in ckpt_dir.glob("checkpoint-*"):
             if not (p / COMPLETE).is_file():
                 shutil.rmtree(p, ignore_errors=True)
+    # read now: the checkpoint may be pruned (keep_checkpoints) by the end of the run
+    resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else None
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = trainer.evaluate()
     if swan:
@@ -202,6 +213,7 @@ def main(job_path: str) -> None:
         model.generation_config.save_pretrained(str(out / "hf"))
         summary = {"train_loss": result.training_loss, "eval_loss": metrics["eval_loss"], "steps": trainer.state.global_step,
                    "tokens_seen": trainer.state.global_step * tokens_per_step, "resumed_from": resume.name if resume else None,
+                   "resumed_step": resume_step,
                    "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
                    "precision": precision, "world_size": int(os.environ.get("WORLD_SIZE", 1))}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))

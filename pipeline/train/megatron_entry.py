@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name: the newest complete checkpoint
+from pipeline.train.checkpoints import TRACKER
 LOG = "train_log.jsonl"  # one JSON line per logged step, rank 0, appended across resumes
 
 # What each family is in megatron-core terms (TransformerConfig fields + GPTModel arguments).
@@ -468,14 +468,17 @@ def main(job_path: str) -> None:
     layout = {"tp": par["tp"], "pp": par["pp"], "vpp": par["vpp"], "dp": dp}
     identity = {"data_fingerprint": job["data_fingerprint"], "model_fingerprint": job["model_fingerprint"]}
     ckpt_root = out / "checkpoints"
-    iteration, resumed_from = 0, None
+    iteration, resumed_from, resumed_step = 0, None, None
     latest = latest_iteration(ckpt_root)
     if dist.get_rank() == 0 and ckpt_root.exists():  # checkpoints a kill left half-written are never read
         for p in ckpt_root.glob("iter_*"):
             if latest is None or int(p.name[5:]) > latest:
                 shutil.rmtree(p, ignore_errors=True)
-    if latest is not None:
-        path = iteration_dir(ckpt_root, latest)
+    chosen = Path(t["resume_from"]) if t.get("resume_from") else None  # train.resume_from
+    if chosen is not None and latest_iteration(chosen) is not None:  # a checkpoints dir: its newest iteration
+        chosen = iteration_dir(chosen, latest_iteration(chosen))
+    if chosen is not None or latest is not None:
+        path = chosen or iteration_dir(ckpt_root, latest)
         common = load_checkpoint(path, model, optimizer, scheduler, layout)
         from pipeline.train.hf_entry import check_identity
 
@@ -485,6 +488,9 @@ def main(job_path: str) -> None:
                              f"{job['padded_vocab_size']}: pick train.make_vocab_size_divisible_by so that both TP "
                              f"sizes pad alike")
         iteration, resumed_from = common["iteration"], path.name
+        resumed_step = iteration
+        if dist.get_rank() == 0:
+            print(f"resuming from {path.name}, step {iteration} of {total_steps}", flush=True)
     elif job["init"]:  # continued pretraining from a Megatron checkpoint: weights only
         init = Path(job["init"])
         load_checkpoint(iteration_dir(init, latest_iteration(init)), model, None, None, layout)
@@ -545,7 +551,8 @@ def main(job_path: str) -> None:
     if dist.get_rank() == 0:
         # first_loss: of the first step this process trained (after a resume, the step after the checkpoint)
         summary = {"first_loss": first_loss, "eval_loss": eval_loss, "steps": iteration,
-                   "tokens_seen": iteration * tokens_per_step, "resumed_from": resumed_from, "precision": precision,
+                   "tokens_seen": iteration * tokens_per_step, "resumed_from": resumed_from,
+                   "resumed_step": resumed_step, "precision": precision,
                    "layout": layout, "checkpoint": f"checkpoints/{iteration_dir(ckpt_root, iteration).name}"}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     dist.barrier()

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
@@ -25,6 +25,7 @@ from pipeline.config import CONFIG_DIR, ConfigError, data_parallel_size, grad_ac
 from pipeline.data.indexed import IndexedReader, token_dtype
 from pipeline.data.tokenizer import tokenizer_info
 from pipeline.runner import StageContext, StageError, canonical_json
+from pipeline.train.checkpoints import complete_checkpoints
 
 log = logging.getLogger("pipeline")
 ENTRIES = {"hf": Path(__file__).with_name("hf_entry.py"), "megatron": Path(__file__).with_name("megatron_entry.py")}
@@ -55,6 +56,50 @@ def check_tracker(train) -> None:
     package = TRACKER_PACKAGES[name]
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError(f"train.tracker: {name} is not installed; pip install {package}, or set train.tracker=none")
+
+
+def check_save_every(train) -> None:
+    """The HF backend keeps the best checkpoint by eval loss (load_best_model_at_end): transformers then
+    needs every save to fall on an eval step, and raises in every rank after launch otherwise."""
+    save, evals = train.save_every, train.eval_every
+    if (save < 1) != (evals < 1):
+        raise ConfigError(f"train.save_every: {save} and train.eval_every {evals} mix a fraction of the run with a "
+                          f"step count; give both as fractions (< 1) or both as steps (>= 1)")
+    scale = 1_000_000 if save < 1 else 1  # fractions compared as integers, as transformers does
+    if round(save * scale) % round(evals * scale) != 0:
+        raise ConfigError(f"train.save_every: {save} is not a multiple of train.eval_every {evals}; the hf backend "
+                          f"keeps the best checkpoint by eval loss, so every save must fall on an evaluation")
+
+
+def check_sequence_parallel(train) -> None:
+    if train.parallel.sequence_parallel and not any(importlib.util.find_spec(m) for m in ("transformer_engine", "apex")):
+        raise ConfigError("train.parallel.sequence_parallel: needs Transformer Engine or apex norms (megatron-core's "
+                          "torch norms cannot shard along the sequence); install one, or set it to false")
+
+
+def check_resume_from(train) -> None:
+    if train.resume_from and not Path(train.resume_from).is_dir():
+        raise ConfigError(f"train.resume_from: {train.resume_from} is not a directory; give a checkpoint dir "
+                          f"(hf: checkpoint-<step>, megatron: iter_<step>), or unset it to resume from the newest")
+
+
+def check(cfg) -> None:
+    """Everything about training that the config and this machine can tell, checked before any stage runs
+    (and by --dry-run), so a bad setting costs seconds, not the hours of the data stages before it."""
+    t = cfg.train
+    launch.validate(cfg.launcher)
+    check_tracker(t)
+    check_resume_from(t)
+    if t.backend == "hf":
+        deepspeed_config(t)  # offload needs ZeRO >= 1
+        check_save_every(t)
+    else:
+        check_sequence_parallel(t)
+
+
+# Written by the ranks and by tools pointed at them (swanlab watch, tensorboard): not pinned outputs.
+UNPINNED = ("swanlog/*", "wandb/*", "tensorboard/*", "runs/*", "train.log", "train_node*.log", "launcher_logs/*",
+            "train_log.jsonl", "train_summary.json")
 
 
 def deepspeed_config(train) -> Dict[str, Any]:
@@ -106,9 +151,7 @@ def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
     from pipeline.train.megatron_entry import padded_vocab_size
 
     t = cfg.train
-    if t.parallel.sequence_parallel and not any(importlib.util.find_spec(m) for m in ("transformer_engine", "apex")):
-        raise ConfigError("train.parallel.sequence_parallel: needs Transformer Engine or apex norms (megatron-core's "
-                          "torch norms cannot shard along the sequence); install one, or set it to false")
+    check_sequence_parallel(t)
     sequences = t.global_batch_tokens // t.seq_len
     total = t.max_steps or math.floor(t.epochs * ((data["train_tokens"] - 1) // t.seq_len) / sequences)
     if total < 1:
@@ -197,6 +240,12 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     log.info("train: %s backend, %d ranks%s, micro batch %d x seq %d, accumulation %d -> %s tokens/step; "
              "%d blocks of train data", cfg.train.backend, world_size(cfg), layout, cfg.train.micro_batch_size,
              cfg.train.seq_len, accumulation, f"{cfg.train.global_batch_tokens:,}", blocks)
+    held = complete_checkpoints(ctx.work_dir)
+    if cfg.train.resume_from:
+        log.info("train: resuming from %s (train.resume_from)", cfg.train.resume_from)
+    elif held:
+        log.info("train: resuming from %s, the newest of %d complete checkpoint(s) in %s", held[-1], len(held),
+                 ctx.work_dir.name)
     # The ranks write into a pipe; tell them whether it ends on a terminal, so they draw a progress bar.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": "1" if sys.stderr.isatty() else ""}
     port = launch.free_port()
