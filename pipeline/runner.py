@@ -295,10 +295,12 @@ class Runner:
                 if partial and partial.get("fingerprint") == fp and stage.resumable:
                     item.reasons.append(f"resumes the partial work in {self.partial_dir(name).name}/")
                     item.notes = explain_how(partial.get("how", {}), how)
-            elif man.get("fingerprint") != fp:
+            elif man.get("fingerprint") != fp and not _same_identity(man.get("fingerprint_parts", {}), parts):
                 item.reasons.extend(explain_change(man.get("fingerprint_parts", {}), parts))
             elif missing := self.missing_outputs(name, man):
                 item.reasons.append(f"outputs missing or changed size: {', '.join(missing[:5])}")
+            elif man.get("fingerprint") != fp:  # kept; run() rewrites its manifest under the new fingerprint
+                item.notes = ["identity unchanged: the manifest predates the how-only marking of some keys"]
             else:
                 item.notes = explain_how(man.get("how", {}), how)
             if item.reasons:
@@ -378,6 +380,10 @@ class Runner:
                 name = item.stage.name
                 if item.action == "skip":
                     log.info("[%s] skip: %s", name, "done" if not item.reasons else item.reasons[0])
+                    man = self.manifest(name)
+                    if not item.reasons and man and man["fingerprint"] != item.fingerprint:
+                        write_json_atomic(self.stage_dir(name) / MANIFEST, {
+                            **man, "fingerprint": item.fingerprint, "fingerprint_parts": item.parts, "how": item.how})
                     continue
                 for up in item.stage.needs:
                     man = self.manifest(up)
@@ -469,6 +475,14 @@ class Runner:
                          "dir": str(aside), "outputs": {}, "bytes": _dir_bytes(aside), "seconds": None,
                          "finished": aside.stat().st_mtime})
         return rows
+
+
+def _same_identity(before: Dict[str, Any], after: Dict[str, Any]) -> bool:
+    """A manifest written before some keys were marked how-only hashed them too: once they are taken out,
+    is it the identity we have now? Then its (possibly days of) output is still this config's."""
+    config = json.loads(json.dumps(before.get("config", {})))
+    strip_how(config)
+    return bool(before) and {**before, "config": config} == after
 
 
 def _read_text(path: Path) -> Optional[str]:

@@ -7,9 +7,10 @@ import socket
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import DATA_ONLY, cli, cli_subprocess, fast_overrides
+from conftest import DATA_ONLY, cli, cli_subprocess, copy_data_stages, fast_overrides
 from pipeline.config import compose
-from pipeline.runner import RunLock, StageError
+from pipeline.runner import RunLock, Runner, StageError
+from pipeline.stages import STAGES
 
 
 def finished(run_dir):
@@ -150,3 +151,62 @@ def test_large_inputs_are_identified_by_size_and_mtime_not_reread(tmp_path, monk
     monkeypatch.setattr(runner, "HASH_TOTAL_LIMIT", 2500)  # as if the corpus were over 1 GiB
     ids = runner.input_identities([str(f) for f in files])
     assert all(set(v) == {"size", "mtime_ns", "how"} for v in ids.values())
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("train.tracker=wandb",), "train.tracker: wandb is not installed; pip install wandb, or set train.tracker=none"),
+    (("train.offload=true", "train.zero_stage=0"), "train.offload: CPU offload needs ZeRO stage 1-3"),
+    (("experiment=tiny_cpu_megatron", "train.parallel.sequence_parallel=true"),
+     "train.parallel.sequence_parallel: needs Transformer Engine or apex norms"),
+    (("train.save_every=3", "train.eval_every=2"), "train.save_every: 3 is not a multiple of train.eval_every 2"),
+    (("train.save_every=0.3", "train.eval_every=2"), "train.save_every: 0.3 and train.eval_every 2 mix a fraction"),
+    (("launcher.nnodes=2",), "launcher.nnodes: 2 nodes with launcher=local"),
+    (("launcher=deepspeed", "launcher.hostfile=/nonexistent/hostfile"),
+     "launcher.hostfile: /nonexistent/hostfile does not exist"),
+    (("train.resume_from=/nonexistent/checkpoint-4",), "train.resume_from: /nonexistent/checkpoint-4 is not a directory"),
+], ids=lambda v: v[-1].split("=")[0] if isinstance(v, tuple) else None)
+def test_misconfigurations_fail_under_dry_run_and_before_the_first_stage(corpus, tmp_path, capsys, overrides, message):
+    import importlib.util
+
+    assert importlib.util.find_spec("wandb") is None  # the first case needs a machine without it
+    args = fast_overrides(corpus, tmp_path / "run", *overrides)
+    assert cli("run", *args, "--dry-run") == 2
+    assert message in capsys.readouterr().err
+    assert cli("run", *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "tokenizer").exists() and not (tmp_path / "run" / "tokenizer.partial").exists()
+
+
+def test_how_only_keys_leave_every_fingerprint_alone_and_are_named_by_explain(corpus, base_run, tmp_path, capsys):
+    from pipeline.config import HOW_KEYS
+
+    assert {"launcher", "train.parallel", "train.tracker", "train.logging_steps", "data.tokenize.workers",
+            "export.tolerance"} <= set(HOW_KEYS)
+    run_dir = copy_data_stages(base_run, tmp_path / "run")
+    base = Runner(compose(fast_overrides(corpus, run_dir)), STAGES).plan()
+    how = Runner(compose(fast_overrides(corpus, run_dir, "launcher.master_port=29999", "train.tracker=none",
+                                        "train.logging_steps=5", "launcher.gpu_memory_gb=24", "export.tolerance=1e-2",
+                                        "data.tokenize.workers=1", "train.keep_checkpoints=5")), STAGES).plan()
+    assert [i.fingerprint for i in base] == [i.fingerprint for i in how]
+    lr = Runner(compose(fast_overrides(corpus, run_dir, "train.lr=2e-3")), STAGES).plan()
+    assert [i.stage.name for i, j in zip(base, lr) if i.fingerprint != j.fingerprint] == ["train", "export"]
+    assert cli("run", *fast_overrides(corpus, run_dir, "data.tokenize.workers=1"), "--explain",
+               "--only", "tokenizer,tokenize,mix") == 0
+    out = capsys.readouterr().out
+    assert "how only (resumes, reruns nothing): data.tokenize.workers: 2 -> 1" in out, out
+    assert "tokenize   skip" in out
+
+
+def test_a_manifest_that_hashed_now_how_only_keys_is_kept_and_migrated(corpus, base_run, tmp_path, caplog):
+    """Runs made before a key was marked how-only hashed it: their output is still this config's."""
+    caplog.set_level("INFO", logger="pipeline")
+    run_dir = copy_data_stages(base_run, tmp_path / "run")
+    path = run_dir / "tokenize" / "MANIFEST.json"
+    man = json.loads(path.read_text())
+    man["fingerprint_parts"]["config"]["data.tokenize"]["workers"] = 7  # as a manifest before the marks held it
+    man["fingerprint"] = "0" * 64
+    path.write_text(json.dumps(man))
+    assert cli("run", *fast_overrides(corpus, run_dir), *DATA_ONLY) == 0
+    assert "[tokenize] skip: done" in caplog.text
+    assert json.loads(path.read_text())["fingerprint"] != "0" * 64
+    assert json.loads((run_dir / "mix" / "MANIFEST.json").read_text())["finished"] == finished(base_run)["mix"]

@@ -113,7 +113,7 @@ def test_kill_9_mid_training_resumes_with_the_same_losses_as_an_uninterrupted_ru
     runs = {}
     for name in ("straight", "killed"):
         runs[name] = copy_data_stages(base_run, tmp_path / name)
-    args = lambda run_dir: ["run", *fast_overrides(corpus, run_dir, *QUICK, *steps), *TRAIN]  # noqa: E731
+    args = lambda run_dir, *extra: ["run", *fast_overrides(corpus, run_dir, *QUICK, *steps, *extra), *TRAIN]  # noqa: E731
     assert cli_subprocess(*args(runs["straight"])).returncode == 0
 
     started = time.time()
@@ -130,13 +130,42 @@ def test_kill_9_mid_training_resumes_with_the_same_losses_as_an_uninterrupted_ru
         if path.stat().st_mtime >= started:
             path.unlink(missing_ok=True)
     assert marker.exists() and not (runs["killed"] / "train").exists()
-    resumed = cli_subprocess(*args(runs["killed"]))
+    held = sorted(p for p in (runs["killed"] / "train.partial").rglob("*") if p.is_file())
+
+    # an identity change stops before anything is removed, naming the key and the ways on
+    changed = cli_subprocess(*args(runs["killed"], "train.lr=2e-3"))
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert "config train.lr: 0.001 -> 0.002" in changed.stderr and "--restart train" in changed.stderr
+    assert "checkpoints/checkpoint-8" in changed.stderr and "[tokenizer]" not in changed.stderr
+    assert all(p.is_file() for p in held)
+
+    # how-only changes (port, tracker, log interval, memory estimate) resume from the checkpoint
+    how_only = ("launcher.master_port=29617", "train.tracker=swanlab", "train.logging_steps=2",
+                "launcher.gpu_memory_gb=40")
+    explained = cli_subprocess(*args(runs["killed"], *how_only), "--explain")
+    assert "resumes the partial work in train.partial/" in explained.stdout, explained.stdout
+    assert "how only (resumes, reruns nothing): train.logging_steps: 1 -> 2" in explained.stdout
+    resumed = cli_subprocess(*args(runs["killed"], *how_only))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((runs["killed"] / "train" / "train_summary.json").read_text())["resumed_from"] == "checkpoint-8"
+    assert "resuming from checkpoint-8, step 8 of 12" in resumed.stderr + resumed.stdout
+    summary = json.loads((runs["killed"] / "train" / "train_summary.json").read_text())
+    assert summary["resumed_from"] == "checkpoint-8" and summary["resumed_step"] == 8
     straight, killed = log_losses(runs["straight"]), log_losses(runs["killed"])
-    assert sorted(killed) == list(range(1, 13))
-    for step in range(9, 13):
-        assert killed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-6), step
+    assert sorted(killed) == list(range(1, 9)) + [10, 12]  # logged every 2nd step after the resume
+    for step in (10, 12):  # the Trainer logs the mean loss since its last log
+        assert killed[step] == pytest.approx((straight[step - 1] + straight[step]) / 2, rel=1e-6, abs=1e-6), step
+
+    # opening the dashboard (the real `swanlab watch`) and deleting the summary do not make it stale
+    swanlog = runs["killed"] / "train" / "swanlog"
+    assert swanlog.is_dir()
+    watch = subprocess.Popen([str(Path(sys.executable).with_name("swanlab")), "watch", str(swanlog), "-h", "127.0.0.1",
+                              "-p", "29618"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(6)
+    watch.terminate()
+    watch.wait(30)
+    (runs["killed"] / "train" / "train_summary.json").unlink()
+    again = cli_subprocess(*args(runs["killed"], *how_only))
+    assert again.returncode == 0 and "[train] skip: done" in again.stderr, again.stderr[-3000:]
 
 
 def test_a_checkpoint_for_other_data_or_model_is_refused_and_half_written_ones_ignored(tmp_path):

@@ -102,16 +102,48 @@ def test_kill_9_then_resume_at_the_same_or_another_layout(corpus, base_run, stra
     bit for bit at the same layout, to float rounding at another."""
     run_dir = copy_data_stages(base_run, tmp_path / "run")
     saved = kill_after_checkpoint(train_args(corpus, run_dir, *STEPS, *LAYOUTS[before]), run_dir, 8)
-    resumed = cli_subprocess(*train_args(corpus, run_dir, *STEPS, *LAYOUTS[after]))
+    # how-only changes besides the layout: port, tracker, memory estimate
+    how_only = ("launcher.master_port=29619", "train.tracker=swanlab", "launcher.gpu_memory_gb=40")
+    resumed = cli_subprocess(*train_args(corpus, run_dir, *STEPS, *LAYOUTS[after], *how_only))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     done = summary(run_dir)
-    assert done["resumed_from"] == f"iter_{saved:07d}" and done["steps"] == 24
+    assert done["resumed_from"] == f"iter_{saved:07d}" and done["resumed_step"] == saved and done["steps"] == 24
+    assert f"resuming from iter_{saved:07d}, step {saved} of 24" in resumed.stderr + resumed.stdout
     assert done["layout"]["tp"] == int(LAYOUTS[after][0][-1]) and done["layout"]["pp"] == int(LAYOUTS[after][1][-1])
     reference, losses = log_losses(straight[before]), log_losses(run_dir)
     assert sorted(losses) == list(range(1, 25))
     tolerance = 1e-6 if before == after else 1e-5  # measured: 0 and <= 3.6e-7
     for step in range(saved + 1, 25):
         assert losses[step] == pytest.approx(reference[step], abs=tolerance), (step, losses[step], reference[step])
+
+
+def test_an_identity_change_never_drops_checkpoints_and_restart_moves_them_aside(corpus, base_run, tmp_path):
+    run_dir = copy_data_stages(base_run, tmp_path / "run")
+    args = train_args(corpus, run_dir, *STEPS, *LAYOUTS["tp2"])
+    changed_args = train_args(corpus, run_dir, *STEPS, *LAYOUTS["tp2"], "train.lr=2e-3")
+    kill_after_checkpoint(args, run_dir, 8)
+    held = {p.relative_to(run_dir / "train.partial"): p.stat().st_size
+            for p in (run_dir / "train.partial").rglob("*") if p.is_file()}
+
+    changed = cli_subprocess(*changed_args)
+    assert changed.returncode == 2 and "config train.lr: 0.001 -> 0.002" in changed.stderr, changed.stderr[-3000:]
+    assert "checkpoints/iter_0000008" in changed.stderr
+    assert {p.relative_to(run_dir / "train.partial"): p.stat().st_size
+            for p in (run_dir / "train.partial").rglob("*") if p.is_file()} == held
+
+    restarted = cli_subprocess(*changed_args, "--restart", "train")
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    done = summary(run_dir)
+    assert done["resumed_from"] is None and done["steps"] == 24
+    (aside,) = run_dir.glob("train.restarted-*")
+    assert (aside / "checkpoints" / "iter_0000008").is_dir() and (aside / "job.json").is_file()
+    status = cli_subprocess("status", *fast_overrides(corpus, run_dir, *MEGATRON, *STEPS, "train.lr=2e-3"))
+    assert "aside" in status.stdout and aside.name in status.stdout, status.stdout
+
+    listed = cli_subprocess("clean", *fast_overrides(corpus, run_dir, *MEGATRON))
+    assert f"would remove {aside}" in listed.stdout and aside.is_dir()
+    removed = cli_subprocess("clean", "--yes", *fast_overrides(corpus, run_dir, *MEGATRON))
+    assert removed.returncode == 0 and not aside.exists() and (run_dir / "train" / "checkpoints").is_dir()
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -152,7 +152,10 @@ def main(job_path: str) -> None:
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
         def on_train_begin(self, args, state, control, **kw):
-            if resume and state.is_world_process_zero:  # the Trainer has loaded the checkpoint's state by now
+            # The Trainer has loaded the checkpoint's state by now, and with it the old run's logging
+            # interval: a how-only key must take effect on resume, so the intervals come from args again.
+            state.compute_steps(args, state.max_steps)
+            if resume and state.is_world_process_zero:
                 print(f"resuming from {resume.name}, step {state.global_step} of {state.max_steps}", flush=True)
 
         def on_save(self, args, state, control, **kw):

@@ -63,11 +63,11 @@ def check_save_every(train) -> None:
     needs every save to fall on an eval step, and raises in every rank after launch otherwise."""
     save, evals = train.save_every, train.eval_every
     if (save < 1) != (evals < 1):
-        raise ConfigError(f"train.save_every: {save} and train.eval_every {evals} mix a fraction of the run with a "
+        raise ConfigError(f"train.save_every: {save:g} and train.eval_every {evals:g} mix a fraction of the run with a "
                           f"step count; give both as fractions (< 1) or both as steps (>= 1)")
     scale = 1_000_000 if save < 1 else 1  # fractions compared as integers, as transformers does
     if round(save * scale) % round(evals * scale) != 0:
-        raise ConfigError(f"train.save_every: {save} is not a multiple of train.eval_every {evals}; the hf backend "
+        raise ConfigError(f"train.save_every: {save:g} is not a multiple of train.eval_every {evals:g}; the hf backend "
                           f"keeps the best checkpoint by eval loss, so every save must fall on an evaluation")
 
 
@@ -200,7 +200,6 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         raise StageError(f"{train_prefix}.bin holds {train_data.dtype} tokens but the tokenizer has "
                          f"{info['vocab_len']} entries; the data was not made with this tokenizer")
     vocab_size = model_vocab_size(cfg, info["vocab_len"])
-    check_tracker(cfg.train)
     blocks = train_data.num_tokens // cfg.train.seq_len
     data = {"train_tokens": train_data.num_tokens, "valid_tokens": IndexedReader(valid_prefix).num_tokens,
             "eod_id": info["eod_id"], "tokenizer_dir": str(ctx.inputs["tokenizer"]), "work_dir": ctx.work_dir,
