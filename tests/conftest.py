@@ -25,6 +25,22 @@ def fast_overrides(corpus: Path, run_dir: Path, *extra: str) -> list:
             *[f"data.sources.{s}.path={corpus / (s + '.jsonl')}" for s in SOURCES], *extra]
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and all its descendants at once, as the OOM killer or a job scheduler's
+    cgroup kill does. A process-group kill is not enough: torchrun starts each rank in its own session."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    tree = [parent, *parent.children(recursive=True)]
+    for member in tree:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree[1:], timeout=30)
+
+
 def cli(*args: str) -> int:
     from pipeline.cli import main
 

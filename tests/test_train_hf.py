@@ -1,7 +1,5 @@
 """The HF backend: block dataset, misconfigurations before compute, 2-process ZeRO-2, kill -9 resume."""
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_subprocess, copy_data_stages, fast_overrides, log_losses
+from conftest import cli_subprocess, copy_data_stages, fast_overrides, kill_tree, log_losses
 from pipeline.data.indexed import IndexedReader
 from pipeline.train.blocks import BlockDataset
 
@@ -123,8 +121,7 @@ def test_kill_9_mid_training_resumes_with_the_same_losses_as_an_uninterrupted_ru
     deadline = time.time() + 300
     while time.time() < deadline and not marker.exists() and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, the launcher and both ranks
-    proc.wait()
+    kill_tree(proc)  # the driver, the launcher and both ranks
     # a SIGKILLed driver cannot remove DeepSpeed's /dev/shm segments for its port (69 MB a rank)
     for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         if path.stat().st_mtime >= started:
@@ -151,7 +148,9 @@ def test_kill_9_mid_training_resumes_with_the_same_losses_as_an_uninterrupted_ru
     summary = json.loads((runs["killed"] / "train" / "train_summary.json").read_text())
     assert summary["resumed_from"] == "checkpoint-8" and summary["resumed_step"] == 8
     straight, killed = log_losses(runs["straight"]), log_losses(runs["killed"])
-    assert sorted(killed) == list(range(1, 9)) + [10, 12]  # logged every 2nd step after the resume
+    assert all(killed[step] == straight[step] for step in range(1, 9))
+    # the resumed run logs every 2nd step; only a step 9 logged just before the kill may sit between
+    assert sorted(killed) in (list(range(1, 9)) + [10, 12], list(range(1, 10)) + [10, 12])
     for step in (10, 12):  # the Trainer logs the mean loss since its last log
         assert killed[step] == pytest.approx((straight[step - 1] + straight[step]) / 2, rel=1e-6, abs=1e-6), step
 

@@ -1,15 +1,13 @@
 """The megatron backend under torchrun (2 gloo processes): TP=2 and PP=2 train, layouts agree on the
 same init, kill -9 resumes at the same or another layout, bad layouts fail before any process starts."""
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import cli, cli_subprocess, copy_data_stages, fast_overrides, log_losses
+from conftest import cli, cli_subprocess, copy_data_stages, fast_overrides, kill_tree, log_losses
 
 TRAIN = ("--only", "import,train")
 # 4 layers, so that PP=2 with 2 virtual stages a rank (the interleaved schedule) fits too
@@ -89,8 +87,7 @@ def kill_after_checkpoint(args, run_dir, iteration):
         if tracker.is_file() and int(tracker.read_text() or 0) >= iteration:
             break
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)  # the driver, the launcher and both ranks
     assert tracker.is_file() and not (run_dir / "train").exists()
     return int(tracker.read_text())
 
@@ -102,8 +99,10 @@ def test_kill_9_then_resume_at_the_same_or_another_layout(corpus, base_run, stra
     bit for bit at the same layout, to float rounding at another."""
     run_dir = copy_data_stages(base_run, tmp_path / "run")
     saved = kill_after_checkpoint(train_args(corpus, run_dir, *STEPS, *LAYOUTS[before]), run_dir, 8)
-    # how-only changes besides the layout: port, tracker, memory estimate
-    how_only = ("launcher.master_port=29619", "train.tracker=swanlab", "launcher.gpu_memory_gb=40")
+    logged_before_kill = len((run_dir / "train.partial" / "train_log.jsonl").read_text().splitlines())
+    # how-only changes besides the layout: port, tracker, log interval, memory estimate
+    how_only = ("launcher.master_port=29619", "train.tracker=swanlab", "train.logging_steps=2",
+                "launcher.gpu_memory_gb=40")
     resumed = cli_subprocess(*train_args(corpus, run_dir, *STEPS, *LAYOUTS[after], *how_only))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     done = summary(run_dir)
@@ -111,9 +110,11 @@ def test_kill_9_then_resume_at_the_same_or_another_layout(corpus, base_run, stra
     assert f"resuming from iter_{saved:07d}, step {saved} of 24" in resumed.stderr + resumed.stdout
     assert done["layout"]["tp"] == int(LAYOUTS[after][0][-1]) and done["layout"]["pp"] == int(LAYOUTS[after][1][-1])
     reference, losses = log_losses(straight[before]), log_losses(run_dir)
-    assert sorted(losses) == list(range(1, 25))
+    assert set(range(1, saved + 1)) <= set(losses)
+    resumed_rows = (run_dir / "train" / "train_log.jsonl").read_text().splitlines()[logged_before_kill:]
+    assert [json.loads(row)["step"] for row in resumed_rows] == list(range(saved + 2, 25, 2))  # the new interval
     tolerance = 1e-6 if before == after else 1e-5  # measured: 0 and <= 3.6e-7
-    for step in range(saved + 1, 25):
+    for step in range(saved + 2, 25, 2):
         assert losses[step] == pytest.approx(reference[step], abs=tolerance), (step, losses[step], reference[step])
 
 
