@@ -355,7 +355,10 @@ class Runner:
                 raise StageError(f"unknown stage '{name}'; stages are: {', '.join(self.order)}")
             partial = self.partial_dir(name)
             if partial.is_dir():
-                aside = self.run_dir / f"{name}{ASIDE}{time.strftime('%Y%m%d-%H%M%S')}"
+                stamp = time.strftime('%Y%m%d-%H%M%S')
+                aside, n = self.run_dir / f"{name}{ASIDE}{stamp}", 1
+                while aside.exists():  # two restarts within a second
+                    aside, n = self.run_dir / f"{name}{ASIDE}{stamp}-{n}", n + 1
                 os.replace(partial, aside)
                 log.info("[%s] --restart: moved %s aside to %s", name, partial.name, aside.name)
                 moved.append(aside)
