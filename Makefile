@@ -11,7 +11,7 @@ IMAGE      ?= pretrain-pipeline
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup pretrain test bench docker clean
+.PHONY: setup pretrain test test-faults bench docker clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ pretrain: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(ARGS)
+
+# kill -9 every stage at 20 seeded points, rerun, compare with an uninterrupted run; prints a table (~1 h)
+test-faults: $(STAMP)
+	$(BIN)/python tests/faults/kill_points.py --points 20 $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/tokenize.py
