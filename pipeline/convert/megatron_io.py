@@ -4,7 +4,8 @@ names them (`decoder.layers.3.self_attention.linear_qkv.weight`).
 torch_dist (megatron-core dist_checkpointing): every tensor stored whole, layers stacked on a leading
 axis, so it loads at any TP/PP. Underneath it is torch.distributed.checkpoint (DCP): `.metadata`,
 `__0_0.distcp`, plus megatron-core's `common.pt` (args, iteration) and `metadata.json`. It is read and
-written here through DCP's own reader, writer and planner, one layer's tensor at a time and without
+written here through DCP's own reader, writer and planner (the pickled `.metadata` and `common.pt` read
+through pipeline/safeload.py's restricted loaders), one layer's tensor at a time and without
 importing megatron-core: megatron-core's `dist_checkpointing.save` needs the whole state at once, and
 its loader reads a stored key whole (every layer of it). megatron-core loads what this writes (the
 tests load it into GPTModel at TP=2), and this reads what megatron-core training writes.
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from pipeline.convert.mapping import ConversionError, GatedMLP, Mapping
+from pipeline.safeload import COMMON_FILE, load_dcp_metadata, safe_torch_load
 from pipeline.train.megatron_entry import TRACKER, iteration_dir, latest_iteration
 
 LEGACY_FILE = "model_optim_rng.pt"
@@ -103,15 +105,13 @@ def legacy_ranks(path: Path) -> Dict[Tuple[int, int], Path]:
 
 
 def load_legacy(file: Path) -> Dict[str, Any]:
-    """weights_only: plain tensors and containers only; Megatron-LM's own files also store their args as
-    an argparse.Namespace, the one class allowed besides."""
-    import argparse
+    """Restricted to plain tensors and containers (pipeline/safeload.py)."""
+    stored = safe_torch_load(file, mmap=True)
+    if not (isinstance(stored, dict) and isinstance(stored.get("model"), dict)):
+        raise ConversionError(f"{file}: not a Megatron rank file (no 'model' state dict in it)")
+    return stored
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
 
-
-COMMON_FILE = "common.pt"  # megatron-core's non-tensor state of a torch_dist checkpoint
 # metadata.json: which backends wrote the checkpoint, as megatron-core's CheckpointingConfig records them
 TORCH_DIST_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                      "common_backend_version": 1}
@@ -121,11 +121,12 @@ def read_args(src: Path) -> Tuple[Path, Dict[str, Any]]:
     path = checkpoint_path(src)
     ranks = legacy_ranks(path)
     if ranks:
-        args = load_legacy(ranks[min(ranks)]).get("args")
+        stored = load_legacy(ranks[min(ranks)])
     elif (path / COMMON_FILE).is_file():
-        args = torch.load(path / COMMON_FILE, map_location="cpu", weights_only=True).get("args")
+        stored = safe_torch_load(path / COMMON_FILE)
     else:
         raise ConversionError(f"{path}: neither {COMMON_FILE} (torch_dist) nor mp_rank_*/{LEGACY_FILE} (legacy)")
+    args = stored.get("args") if isinstance(stored, dict) else None
     if not isinstance(args, dict) or "model" not in args:
         raise ConversionError(f"{path}: no model args stored; only checkpoints of this pipeline's megatron backend "
                               f"or `pipeline convert` are read")
@@ -165,7 +166,7 @@ class TorchDistReader:
         if not (path / ".metadata").is_file():
             raise ConversionError(f"{path}: no .metadata; not a torch_dist checkpoint (or its save did not finish)")
         self.path, self.reader = path, FileSystemReader(str(path))
-        self.metadata = self.reader.read_metadata()
+        self.metadata = load_dcp_metadata(path / ".metadata")  # not reader.read_metadata(): that is plain pickle
         self.reader.set_up_storage_reader(self.metadata, True)
 
     def read(self, name: str, meta: bool = False) -> torch.Tensor:
@@ -224,6 +225,15 @@ def _read_legacy(path, ranks, args, names, meta):
 
 # ----------------------------------------------------------------------------- writing
 
+class _ReproducibleWriter(FileSystemWriter):
+    """DCP's writer without the storage metadata: its fresh save id (a uuid) and its path (our temp dir,
+    renamed once published) would make each conversion's `.metadata` differ. The same model converts to
+    the same bytes; readers take a missing storage_meta (DCP files written before torch 2.4 have none)."""
+
+    def storage_meta(self):
+        return None
+
+
 def write_torch_dist(dst: Path, args: Dict[str, Any], planned: List[Tuple[str, torch.Tensor]],
                      tensors: Iterator[Tuple[Mapping, str, torch.Tensor]]) -> None:
     """`planned`: every (global name, meta tensor) in the order `tensors` will yield them. DCP writes in
@@ -231,7 +241,7 @@ def write_torch_dist(dst: Path, args: Dict[str, Any], planned: List[Tuple[str, t
     folder = iteration_dir(dst, 0)
     folder.mkdir()
     # no fsync, like the HF side and the copy baseline: a crash before `publishing` renames loses nothing
-    writer = FileSystemWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=False)
+    writer = _ReproducibleWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=False)
     planner = StreamingSavePlanner(planned, args["model"]["num_layers"], tensors)
     save({}, storage_writer=writer, planner=planner, no_dist=True)
     torch.save({"iteration": 0, "args": args}, folder / COMMON_FILE)

@@ -4,7 +4,9 @@ The train stage writes job.json (the resolved model/train settings, data and tok
 fingerprints, the DeepSpeed config) and launches this on every rank; it also runs on its own under
 any launcher. Checkpoints are `checkpoint-<step>/` under the job's work dir; one counts only once
 its PIPELINE_COMPLETE.json exists, written by rank 0 after every rank has saved, so a kill during a
-save leaves a checkpoint that resume ignores.
+save leaves a checkpoint that resume ignores. The marker records every file's sha256. DeepSpeed
+unpickles its files in full on resume, so a resume first scans them for what they import (only
+DeepSpeed's own classes pass) and checks the recorded hashes (check_resumable).
 """
 from __future__ import annotations
 
@@ -48,6 +50,20 @@ def last_complete_checkpoint(ckpt_dir: Path, identity: Dict[str, str]) -> Option
         return None
     check_identity(json.loads((done[-1] / COMPLETE).read_text()), identity, done[-1])
     return done[-1]
+
+
+def check_resumable(ckpt: Path) -> None:
+    """DeepSpeed unpickles a checkpoint's ZeRO files in full on resume (they may run code): each is scanned
+    for what it imports first, and compared with the sha256 its completion marker records. The Trainer
+    reads its own files (rng_state, scheduler, optimizer) with weights_only=True."""
+    from pipeline import safeload
+
+    marker = ckpt / COMPLETE
+    saved = json.loads(marker.read_text()) if marker.is_file() else {}
+    try:
+        safeload.check_deepspeed(ckpt, saved.get("sha256") if isinstance(saved, dict) else None, COMPLETE)
+    except safeload.ConversionError as e:
+        raise SystemExit(str(e)) from None
 
 
 def check_identity(saved: Dict[str, Any], identity: Dict[str, str], path: Path) -> None:
@@ -113,6 +129,9 @@ def training_arguments(job: Dict[str, Any], precision: str, cuda: bool, report_t
 
 
 def main(job_path: str) -> None:
+    from pipeline.lifetime import rank_dies_with_launch
+    rank_dies_with_launch()  # ends with its launcher and with the driver (pipeline/lifetime.py)
+
     import torch
     import torch.distributed as dist
     from transformers import Trainer, TrainerCallback
@@ -162,9 +181,13 @@ def main(job_path: str) -> None:
             if dist.is_initialized():
                 dist.barrier()  # every rank has written its shards
             if state.is_world_process_zero:
+                from pipeline.safeload import file_hashes
+
                 ckpt = ckpt_dir / f"checkpoint-{state.global_step}"
                 tmp = ckpt / (COMPLETE + ".tmp")
-                tmp.write_text(json.dumps({"step": state.global_step, **identity}))
+                # a resume checks what it unpickles against these (check_resumable): corruption
+                hashes = file_hashes(ckpt, skip=(COMPLETE, tmp.name))
+                tmp.write_text(json.dumps({"step": state.global_step, **identity, "sha256": hashes}))
                 os.replace(tmp, ckpt / COMPLETE)
 
     # swanlab is logged by SwanlabCallback below: transformers 5's own SwanLabCallback calls
@@ -198,6 +221,8 @@ def main(job_path: str) -> None:
             check_identity(json.loads((resume / COMPLETE).read_text()), identity, resume)
     else:
         resume = last_complete_checkpoint(ckpt_dir, identity) if ckpt_dir.exists() else None
+    if resume:
+        check_resumable(resume)  # on every rank, before any of them unpickles it
     if rank == 0 and ckpt_dir.exists():  # checkpoints a kill left half-written are never read
         for p in ckpt_dir.glob("checkpoint-*"):
             if not (p / COMPLETE).is_file():

@@ -272,12 +272,12 @@ def latest_iteration(ckpt_root: Path) -> Optional[int]:
 @functools.lru_cache(maxsize=None)  # the stage asks for it twice before launch
 def read_checkpoint_args(ckpt_root: Path) -> Dict[str, Any]:
     """The `args` a checkpoint of this backend stores (model, vocab sizes), from its newest iteration."""
-    from megatron.core import dist_checkpointing
+    from pipeline.safeload import COMMON_FILE, safe_torch_load
 
     latest = latest_iteration(ckpt_root)
     if latest is None:
         raise FileNotFoundError(f"no {TRACKER} in {ckpt_root}")
-    return dist_checkpointing.load_common_state_dict(str(iteration_dir(ckpt_root, latest)))["args"]
+    return safe_torch_load(iteration_dir(ckpt_root, latest) / COMMON_FILE)["args"]
 
 
 def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, progress: Dict[str, Any], keep: int) -> None:
@@ -346,15 +346,28 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, layout: Dict[str, i
     import random
 
     from megatron.core import dist_checkpointing, tensor_parallel
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    from pipeline import safeload
+
+    class RestrictedCommonLoad(TorchCommonLoadStrategy):
+        """common.pt through torch's weights_only loader, whatever torch.load's default is."""
+
+        def load_common(self, checkpoint_dir):
+            return safeload.safe_torch_load(Path(checkpoint_dir) / safeload.COMMON_FILE)
+
+    try:  # megatron-core unpickles .metadata and the objects in the .distcp files in full: check them first
+        common = safeload.check_torch_dist(path)
+    except safeload.ConversionError as e:
+        raise SystemExit(str(e)) from None
     if optimizer is not None:
         materialise_adam_state(optimizer)
         fix_torch_adam_reshard_load()
     same_layout = common.get("layout") == layout and optimizer is not None
     template = sharded_state(model, optimizer, scheduler, {}, same_layout, True)
-    state = dist_checkpointing.load(template, str(path), strict=StrictHandling.LOG_UNEXPECTED)
+    state = dist_checkpointing.load(template, str(path), common_strategy=RestrictedCommonLoad(),
+                                    strict=StrictHandling.LOG_UNEXPECTED)
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(state["model" if len(model) == 1 else f"model{i}"])
     if optimizer is not None:
@@ -427,6 +440,8 @@ class StepLog:
 # ----------------------------------------------------------------------------- main
 
 def main(job_path: str) -> None:
+    from pipeline.lifetime import rank_dies_with_launch
+    rank_dies_with_launch()  # ends with its launcher and with the driver (pipeline/lifetime.py)
     job = json.loads(Path(job_path).read_text())
     t, par, out = job["train"], job["train"]["parallel"], Path(job["work_dir"])
     cuda = torch.cuda.is_available()
