@@ -3,9 +3,10 @@ import hashlib
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from conftest import SOURCES
+from conftest import SOURCES, cli, fast_overrides
 from pipeline.data.indexed import IndexedReader
 from pipeline.data.mix import mix
 
@@ -85,4 +86,25 @@ def test_a_weighted_source_with_no_tokens_is_an_error_naming_it(base_run, tmp_pa
     IndexedWriter(tmp_path / "empty", IndexedReader(base_run / "tokenize" / "web").dtype).finish()
     inputs = {"web": base_run / "tokenize" / "web", "code": tmp_path / "empty", "math": base_run / "tokenize" / "math"}
     with pytest.raises(ValueError, match="data.mix.weights.code: source code has no tokens"):
+        mix(inputs, tmp_path / "out", mix_cfg())
+
+
+@pytest.mark.parametrize("weight", ["inf", "nan", "-0.5"])
+def test_a_weight_that_is_not_a_finite_non_negative_number_is_a_config_error_naming_its_key(corpus, tmp_path, capsys,
+                                                                                             weight):
+    """inf and nan used to reach the mix and fail there with `cannot convert float NaN to integer`."""
+    assert cli("run", *fast_overrides(corpus, tmp_path / "run", f"data.mix.weights.code={weight}"), "--dry-run") == 2
+    assert f"data.mix.weights.code: must be a finite number >= 0, got {float(weight)}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sources_of_different_token_dtypes_are_a_data_error_naming_the_files(base_run, tmp_path):
+    from pipeline.data.indexed import IndexedWriter
+    from pipeline.data.sources import DataError
+
+    writer = IndexedWriter(tmp_path / "wide", np.int32)
+    writer.add(np.arange(10), np.array([4, 6]))
+    writer.finish()
+    inputs = {"web": base_run / "tokenize" / "web", "code": tmp_path / "wide", "math": base_run / "tokenize" / "math"}
+    with pytest.raises(DataError, match=rf"different token dtypes .*{tmp_path / 'wide'}.bin: int32"):
         mix(inputs, tmp_path / "out", mix_cfg())

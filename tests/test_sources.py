@@ -1,15 +1,20 @@
 """Every source format, and every bad-record kind under each policy: message with file:line, nothing published."""
+import dataclasses
 import gzip
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATA_ONLY, cli, cli_subprocess, fast_overrides
+from pipeline.config import SourceConfig
 from pipeline.data.indexed import IndexedReader
+from pipeline.data.sources import RecordSink, RecordStats, first_documents, plan_shards, read_shard
 
 GOOD = [f"document number {i}: some words to tokenize." for i in range(20)]
 
@@ -121,3 +126,63 @@ def test_bad_config_is_an_error_naming_the_key_before_any_stage_runs(corpus, tmp
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
     assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def source(path: Path, **kw) -> SimpleNamespace:
+    """A source as the stages see it (a plain copy of data.sources.<name>)."""
+    return SimpleNamespace(**{**dataclasses.asdict(SourceConfig(path=str(path))), **kw})
+
+
+def read_source(src: SimpleNamespace, shard_bytes: int = 1 << 20) -> list:
+    sink = RecordSink("web", "error", RecordStats())
+    return [t for shard in plan_shards("web", src, shard_bytes) for t in read_shard(shard, src, sink)]
+
+
+@pytest.mark.parametrize("name,unit", [("docs.jsonl", "file"), ("docs.jsonl.gz", "file"), ("docs.json", "file"),
+                                       ("docs.txt", "line"), ("docs.txt", "paragraph"), ("docs.txt", "file")])
+def test_a_utf8_bom_before_the_first_record_is_dropped_as_utf8_sig_does(tmp_path, name, unit):
+    path = tmp_path / name
+    body = {"docs.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in GOOD),
+            "docs.json": json.dumps([{"text": t} for t in GOOD]),
+            "docs.txt": ("\n\n" if unit == "paragraph" else "\n").join(GOOD) + "\n"}[name.removesuffix(".gz")]
+    raw = body.encode("utf-8-sig")
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    texts = read_source(source(path, text_unit=unit))
+    assert texts == ([body] if unit == "file" and name == "docs.txt" else GOOD)  # no "\ufeff" left on the first
+
+
+def read_chars() -> int:
+    return psutil.Process().io_counters().read_chars
+
+
+def test_a_line_many_shards_long_is_read_once_not_once_per_shard(tmp_path):
+    """Each shard after the one a long line starts in used to read the rest of that line to find its first
+    line: 256 shards of 4 KiB over a 1 MB line read ~128 MB. Now each stops at its own end."""
+    path = tmp_path / "long.jsonl"
+    docs = ["short one", "x" * 1_000_000, "after it", "and the last"]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    before = read_chars()
+    assert read_source(source(path), shard_bytes=4096) == docs
+    assert read_chars() - before < 3 * path.stat().st_size
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False], ids=["escaped", "utf8"])
+def test_the_tokenizer_sample_reads_at_most_its_cap_of_a_huge_document(tmp_path, ensure_ascii):
+    """The cap applies while reading: a prefix of the document, wherever the cut falls (inside an escape, a
+    surrogate pair or a UTF-8 sequence), and no more than the cap is read of a 4 MB line. Before, the whole
+    line was read and parsed (a 100 MB document cost the tokenizer stage 10 GB: bench/tokenizer_sample.py)."""
+    text = "plain words, é and 😀 and \\ \" quotes\n" * 110_000
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"id": 1, "text": text}, ensure_ascii=ensure_ascii) + "\n"
+                    + json.dumps({"text": "next"}) + "\n", encoding="utf-8")
+    src = source(path)
+    (shard,) = plan_shards("web", src, 1 << 62)
+    for cap in range(65_536, 65_536 + 13):  # every back-off the cut may need
+        before = read_chars()
+        (sample,) = first_documents("web", src, [shard], max_docs=10, max_chars=cap)  # a cut fills the sample
+        assert read_chars() - before < cap + (64 << 10)
+        assert 0.4 * cap < len(sample) <= cap and text.startswith(sample), cap
+        # read on past the cut, the rest of that line is skipped and the next record read whole
+        cut, after = read_shard(shard, src, RecordSink("web", "error", RecordStats()), max_doc_bytes=cap)
+        assert cut == sample and after == "next"
+    assert list(first_documents("web", src, [shard], max_docs=10, max_chars=1 << 30)) == [text, "next"]

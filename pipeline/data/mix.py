@@ -23,8 +23,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from pipeline.config import value_of
-from pipeline.data.indexed import IndexedReader, IndexedWriter
-from pipeline.runner import StageContext
+from pipeline.data.indexed import IndexedReader, IndexedWriter, check_token_ids
+from pipeline.data.sources import DataError
+from pipeline.runner import MANIFEST, StageContext, read_json
 
 FLUSH = 1 << 16  # picks buffered before their tokens are copied out
 
@@ -48,6 +49,7 @@ class SplitResult:
     tokens: int = 0
     documents: int = 0
     per_source: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    max_token_id: int = -1
 
 
 class SplitWriter:
@@ -57,6 +59,7 @@ class SplitWriter:
         self.writer = IndexedWriter(prefix, dtype)
         self.names, self.readers = names, readers
         self.picks: List[tuple] = []
+        self.max_ids = [-1] * len(names)  # per source: the largest id copied, checked against the vocabulary
 
     def add(self, source: int, doc: int) -> None:
         self.picks.append((source, doc))
@@ -73,7 +76,10 @@ class SplitWriter:
             reader = self.readers[self.names[s]]
             start = int(reader.pointers[first]) // reader.dtype.itemsize
             lengths = np.asarray(reader.lengths[first:first + (j - i)])
-            self.writer.add(reader.tokens[start:start + int(lengths.sum())], lengths)
+            tokens = reader.tokens[start:start + int(lengths.sum())]
+            if tokens.size:  # pages being copied anyway
+                self.max_ids[s] = max(self.max_ids[s], int(tokens.max()))
+            self.writer.add(tokens, lengths)
             i = j
         self.picks = []
 
@@ -111,10 +117,10 @@ def mix_split(cursors: List[Cursor], weights: np.ndarray, out: SplitWriter, by: 
         docs[s] += 1
         total += length
     out.finish()
-    result = SplitResult(tokens=total, documents=int(docs.sum()))
+    result = SplitResult(tokens=total, documents=int(docs.sum()), max_token_id=max(out.max_ids))
     for s, name in enumerate(names):
         result.per_source[name] = {"tokens": int(produced[s]), "documents": int(docs[s]),
-                                   "repeats": cursors[s].repeats - repeats_before[s]}
+                                   "repeats": cursors[s].repeats - repeats_before[s], "max_token_id": out.max_ids[s]}
     return result
 
 
@@ -132,11 +138,15 @@ def _report(result: SplitResult, weights: np.ndarray, names: List[str], readers:
             "documents": got["documents"],
             "repeats": got["repeats"],
             "max_document_tokens": int(np.max(readers[name].lengths)) if len(readers[name]) else 0,
+            "max_token_id": got["max_token_id"],
         }
-    return {"tokens": result.tokens, "documents": result.documents, "sources": sources}
+    return {"tokens": result.tokens, "documents": result.documents, "max_token_id": result.max_token_id,
+            "sources": sources}
 
 
-def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any) -> Dict[str, Any]:
+def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any, vocab_size: Optional[int] = None) -> Dict[str, Any]:
+    """Mix the sources' .bin/.idx (opening them checks their structure) into out_dir/train and valid. With
+    vocab_size, a copied token id >= vocab_size is a DataError naming the source file and the token."""
     weights_cfg = {k: float(v) for k, v in cfg.weights.items() if float(v) > 0}
     names = list(weights_cfg)
     weights = np.array([weights_cfg[n] for n in names], dtype=np.float64)
@@ -147,7 +157,10 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any) -> Dict[str, Any]:
             raise ValueError(f"data.mix.weights.{n}: source {n} has no tokens (were all its records skipped?); "
                              f"fix the source or set its weight to 0")
     dtypes = {r.dtype for r in readers.values()}
-    assert len(dtypes) == 1, f"sources have different token dtypes {dtypes}"
+    if len(dtypes) > 1:
+        raise DataError(f"the sources' .bin files hold different token dtypes "
+                        f"({', '.join(f'{inputs[n]}.bin: {r.dtype}' for n, r in readers.items())}); "
+                        f"they were not made with one tokenizer: rebuild them (`pipeline run --force tokenize`)")
     dtype = dtypes.pop()
     by, stopping = value_of(cfg.by), value_of(cfg.stopping)
     available = np.array([readers[n].num_tokens for n in names], dtype=np.float64)
@@ -167,12 +180,16 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any) -> Dict[str, Any]:
                              f"{valid_budget}-token validation split; lower data.mix.valid_fraction/valid_tokens")
     else:
         IndexedWriter(out_dir / "valid", dtype).finish()
-        results["valid"] = SplitResult(per_source={n: {"tokens": 0, "documents": 0, "repeats": 0} for n in names})
+        results["valid"] = SplitResult(per_source={n: {"tokens": 0, "documents": 0, "repeats": 0, "max_token_id": -1}
+                                                   for n in names})
     for c in cursors:  # training cycles over what validation did not take
         c.first = c.next
     train_budget = None if stopping != "budget" else int(cfg.total_tokens) - results["valid"].tokens
     train_out = SplitWriter(out_dir / "train", dtype, names, readers)
     results["train"] = mix_split(cursors, weights, train_out, by, stopping, train_budget, rng, names)
+    for name in names:
+        if vocab_size is not None and max(r.per_source[name]["max_token_id"] for r in results.values()) >= vocab_size:
+            check_token_ids(readers[name], vocab_size)  # raises, naming the file, the token and its document
     report = {
         "by": by, "stopping": stopping, "seed": int(cfg.seed),
         "weights": {n: round(float(w), 6) for n, w in zip(names, weights)},
@@ -188,7 +205,8 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any) -> Dict[str, Any]:
 def run(ctx: StageContext) -> Dict[str, Any]:
     tokenized = ctx.inputs["tokenize"]
     inputs = {name: tokenized / name for name in ctx.cfg.data.mix.weights}
-    report = mix(inputs, ctx.work_dir, ctx.cfg.data.mix)
-    return {split: {"tokens": r["tokens"], "documents": r["documents"],
+    vocab_size = ((read_json(tokenized / MANIFEST) or {}).get("metrics") or {}).get("vocab_len")
+    report = mix(inputs, ctx.work_dir, ctx.cfg.data.mix, vocab_size)
+    return {split: {"tokens": r["tokens"], "documents": r["documents"], "max_token_id": r["max_token_id"],
                     "shares": {n: s["achieved_share"] for n, s in r["sources"].items()}}
             for split, r in report["splits"].items()}

@@ -7,10 +7,13 @@ order; a bad record goes through the source's policy (error / skip / quarantine)
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import json
+import logging
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, TextIO, Tuple
@@ -19,7 +22,10 @@ import orjson
 
 from pipeline.config import value_of
 
+log = logging.getLogger("pipeline")
+
 HF_PREFIX = "hf://"
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors put first in a file; dropped, as utf-8-sig does
 SUFFIX_FORMATS = [(".jsonl.gz", "jsonl"), (".ndjson.gz", "jsonl"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
                   (".json.gz", "json"), (".json", "json"), (".parquet", "parquet"),
                   (".txt.gz", "txt"), (".txt", "txt"), (".md", "txt"), (".rst", "txt")]
@@ -48,6 +54,7 @@ class RecordStats:
     chars: int = 0
     skipped: Dict[str, int] = field(default_factory=dict)  # reason kind -> count (skip and quarantine)
     blank_lines: int = 0
+    cut: int = 0  # documents of which only read_shard's max_doc_bytes were read (a sample)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -145,11 +152,14 @@ class RecordSink:
             self.rejects.write(json.dumps({"where": where, "reason": reason, "record": raw}, ensure_ascii=False) + "\n")
 
 
-def read_shard(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
-    """Yield the text of each good document of the shard, in order."""
+def read_shard(shard: Shard, src: Any, sink: RecordSink, max_doc_bytes: Optional[int] = None) -> Iterator[str]:
+    """Yield the text of each good document of the shard, in order. With `max_doc_bytes` (a sample's), a
+    jsonl/txt document is read no further than that many bytes and its text is a prefix of the document's;
+    json, parquet and hf records are parsed whole."""
     reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet,
               "txt": _read_txt, "hf": _read_hf}[shard.format]
-    for text in reader(shard, src, sink):
+    texts = reader(shard, src, sink, max_doc_bytes) if shard.format in ("jsonl", "txt") else reader(shard, src, sink)
+    for text in texts:
         sink.stats.documents += 1
         sink.stats.chars += len(text)
         yield text
@@ -157,14 +167,18 @@ def read_shard(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
 
 def first_documents(name: str, src: Any, shards: List[Shard], max_docs: int, max_chars: int,
                     policy: Optional[str] = None) -> Iterator[str]:
-    """The source's first documents, in shard order, until max_docs of them or max_chars in all.
-    Under the source's own bad-record policy unless another is given."""
+    """The source's first documents, in shard order, until max_docs of them or max_chars in all, the last one
+    cut to what is left of max_chars. A jsonl/txt document is read no further than max_chars bytes, so one
+    100 MB document costs the sample max_chars, not the whole document. Under the source's own bad-record
+    policy unless another is given."""
     stats = RecordStats()
     sink = RecordSink(name, policy or value_of(src.on_bad_record), stats)
     for shard in shards:
-        for text in read_shard(shard, src, sink):
-            yield text
-            if stats.documents >= max_docs or stats.chars >= max_chars:
+        for text in read_shard(shard, src, sink, max_doc_bytes=max_chars):
+            over = stats.chars - max_chars
+            yield text[:len(text) - over] if over > 0 else text
+            # a cut document held max_chars bytes: the sample is full, and the rest of its line is never read
+            if stats.documents >= max_docs or stats.chars >= max_chars or stats.cut:
                 return
 
 
@@ -185,28 +199,39 @@ def _check_text(record: Any, field_name: str, where: str, raw: Any, sink: Record
     return text
 
 
-def _open_lines(shard: Shard):
-    """Binary line iterator over the shard's byte range: lines that *start* in [start, end)."""
-    if shard.path.endswith(".gz"):
-        yield from _numbered(gzip.open(shard.path, "rb"), 1)
-        return
-    with open(shard.path, "rb") as f:
-        pos = shard.start
+def _open_lines(shard: Shard, limit: Optional[int] = None):
+    """Binary line iterator over the shard's byte range: (line number function, line, cut) for the lines
+    that *start* in [start, end), a BOM before the first line dropped. With `limit`, a longer line is cut
+    to its first `limit` bytes (cut=True); the rest of it is skipped only if the next line is asked for."""
+    gz = shard.path.endswith(".gz")
+    with (gzip.open if gz else open)(shard.path, "rb") as f:
+        pos, end = (0, sys.maxsize) if gz else (shard.start, shard.end)
         if pos > 0:
             f.seek(pos - 1)
-            pos += len(f.readline()) - 1  # finish the line that began in the previous shard
-        while pos < shard.end:
-            line = f.readline()
+            # finish the line that began in the previous shard; a line longer than this shard ends it
+            pos = _skip_line(f, pos - 1, end)
+        number = 1
+        while pos < end:
+            line = f.readline() if limit is None else f.readline(limit)
             if not line:
                 break
-            yield (lambda p=pos: _line_number(shard.path, p)), line
-            pos += len(line)
+            cut = limit is not None and len(line) == limit and not line.endswith(b"\n")
+            where = (lambda n=number: n) if gz else (lambda p=pos: _line_number(shard.path, p))
+            yield where, line.removeprefix(BOM) if pos == 0 else line, cut
+            pos, number = pos + len(line), number + 1
+            if cut:
+                pos = _skip_line(f, pos, sys.maxsize)
 
 
-def _numbered(f, first: int):
-    with f:
-        for i, line in enumerate(f, first):
-            yield (lambda n=i: n), line
+def _skip_line(f, pos: int, stop: int) -> int:
+    """Read on to the end of the current line, a bounded block at a time, but not past `stop`: the new
+    position. So a line many shards long is read once by the shard it starts in, not once per shard."""
+    while pos < stop:
+        block = f.readline(min(1 << 20, stop - pos))
+        pos += len(block)
+        if not block or block.endswith(b"\n"):
+            break
+    return pos
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -220,12 +245,21 @@ def _line_number(path: str, offset: int) -> int:
     return count
 
 
-def _read_jsonl(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
+def _read_jsonl(shard: Shard, src: Any, sink: RecordSink, limit: Optional[int] = None) -> Iterator[str]:
     loads, field_name = orjson.loads, src.text_field
-    for line_no, line in _open_lines(shard):
+    for line_no, line, cut in _open_lines(shard, limit):
         try:
             record = loads(line)  # orjson also rejects invalid UTF-8 and lone surrogates
         except orjson.JSONDecodeError as e:
+            if cut:  # only its first `limit` bytes were read
+                sink.stats.cut += 1
+                text = _cut_text(line, field_name)
+                if text is None:
+                    log.warning("%s:%s: a record longer than %d bytes whose '%s' is not in its first %d bytes; "
+                                "left out of this sample", shard.path, line_no(), limit, field_name, limit)
+                else:
+                    yield text
+                continue
             if not line.strip():
                 sink.stats.blank_lines += 1
                 continue
@@ -244,10 +278,24 @@ def _read_jsonl(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
             yield text
 
 
+def _cut_text(head: bytes, field_name: str) -> Optional[str]:
+    """The text of a jsonl record of which only the first bytes were read: close the string the cut fell in,
+    backing off up to 12 bytes (out of an escape such as \\ud83d\\ude00, or a UTF-8 sequence). None when
+    that does not parse (the cut was not in a string) or gives no text (the field comes later)."""
+    for back in range(13):
+        try:
+            record = orjson.loads(head[:len(head) - back] + b'"}')
+        except orjson.JSONDecodeError:
+            continue
+        text = record.get(field_name) if isinstance(record, dict) else None
+        return text if isinstance(text, str) and text else None
+    return None
+
+
 def _read_json(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
     opener = gzip.open if shard.path.endswith(".gz") else open
     with opener(shard.path, "rb") as f:
-        raw = f.read()
+        raw = f.read().removeprefix(BOM)
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -280,38 +328,43 @@ def _read_parquet(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
                 yield text
 
 
-def _read_txt(shard: Shard, src: Any, sink: RecordSink) -> Iterator[str]:
+def _read_txt(shard: Shard, src: Any, sink: RecordSink, limit: Optional[int] = None) -> Iterator[str]:
     unit = value_of(src.text_unit)
     if unit == "line":
-        for line_no, line in _open_lines(shard):
+        for line_no, line, cut in _open_lines(shard, limit):
             body = line.rstrip(b"\r\n")
             if not body:
                 sink.stats.blank_lines += 1
                 continue
-            text = _decode(body, f"{shard.path}:{line_no()}", sink)
+            sink.stats.cut += cut
+            text = _decode(body, f"{shard.path}:{line_no()}", sink, cut)
             if text is not None:
                 yield text
         return
     opener = gzip.open if shard.path.endswith(".gz") else open
     with opener(shard.path, "rb") as f:
-        raw = f.read()
+        raw = f.read() if limit is None else f.read(limit)
+    cut = limit is not None and len(raw) == limit
+    sink.stats.cut += cut
+    raw = raw.removeprefix(BOM)
     if unit == "file":
-        text = _decode(raw, shard.path, sink) if raw else sink.bad(shard.path, "empty file", "empty_text", "")
+        text = _decode(raw, shard.path, sink, cut) if raw else sink.bad(shard.path, "empty file", "empty_text", "")
         if text is not None:
             yield text
         return
-    line = 1
-    for block in raw.split(b"\n\n"):  # paragraph: blank-line separated blocks
+    line, blocks = 1, raw.split(b"\n\n")  # paragraph: blank-line separated blocks
+    for i, block in enumerate(blocks):
         if block.strip():
-            text = _decode(block.strip(b"\n"), f"{shard.path}:{line}", sink)
+            text = _decode(block.strip(b"\n"), f"{shard.path}:{line}", sink, cut and i == len(blocks) - 1)
             if text is not None:
                 yield text
         line += block.count(b"\n") + 2
 
 
-def _decode(raw: bytes, where: str, sink: RecordSink) -> Optional[str]:
+def _decode(raw: bytes, where: str, sink: RecordSink, cut: bool = False) -> Optional[str]:
     try:
-        return raw.decode("utf-8")
+        # a cut may fall inside a character: the incremental decoder leaves out its first bytes
+        return codecs.getincrementaldecoder("utf-8")().decode(raw) if cut else raw.decode("utf-8")
     except UnicodeDecodeError as e:
         sink.bad(where, f"invalid UTF-8 at byte {e.start}", "invalid_utf8", raw)
         return None

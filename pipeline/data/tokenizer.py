@@ -17,7 +17,8 @@ INFO_FILE = "pipeline_tokenizer.json"  # {eod_id, vocab_len}: what later stages 
 
 
 def sample_texts(sources: Dict[str, Any], docs_per_source: int, bytes_per_source: int) -> Iterator[str]:
-    """The BPE training sample: the first documents of each source (whole files as one shard each)."""
+    """The BPE training sample: the first documents of each source (whole files as one shard each). The byte
+    cap applies while reading: of a 100 MB document, only the first bytes_per_source are read."""
     for name, src in sources.items():
         yield from first_documents(name, src, plan_shards(name, src, shard_bytes=1 << 62),
                                    docs_per_source, bytes_per_source)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from pipeline import launch
 from pipeline.config import CONFIG_DIR, ConfigError, data_parallel_size, grad_accumulation, value_of, world_size
-from pipeline.data.indexed import IndexedReader, token_dtype
+from pipeline.data.indexed import IndexedReader, check_training_data, token_dtype
 from pipeline.data.tokenizer import tokenizer_info
 from pipeline.runner import StageContext, StageError, canonical_json
 from pipeline.train.checkpoints import complete_checkpoints
@@ -199,6 +199,7 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     if train_data.dtype != token_dtype(info["vocab_len"]):
         raise StageError(f"{train_prefix}.bin holds {train_data.dtype} tokens but the tokenizer has "
                          f"{info['vocab_len']} entries; the data was not made with this tokenizer")
+    check_training_data(ctx.inputs["mix"], info["vocab_len"])  # no token id past the vocabulary
     vocab_size = model_vocab_size(cfg, info["vocab_len"])
     blocks = train_data.num_tokens // cfg.train.seq_len
     data = {"train_tokens": train_data.num_tokens, "valid_tokens": IndexedReader(valid_prefix).num_tokens,

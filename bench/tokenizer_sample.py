@@ -1,0 +1,80 @@
+"""The tokenizer stage's BPE sample with one huge document: time and peak RSS.
+
+    python bench/tokenizer_sample.py [--mb 100]
+
+Writes a jsonl source holding one --mb document (the sample corpus's text repeated), runs
+`pipeline run --only tokenizer` with it as the `web` source (code and math are the shipped samples)
+and prints the wall time and the peak RSS of the process tree, sampled every 50 ms. The per-source
+sample cap (tokenizer.sample_bytes_per_source, 8 MiB) bounds what is read of that document.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+
+
+def run_measured(cmd: list) -> tuple:
+    """(wall seconds, peak RSS of the command's process tree in MB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    watcher.join()
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{err[-3000:]}")
+    return seconds, peak[0] / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=int, default=100, help="size of the single document")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_tokenizer_sample_"))
+    try:
+        corpus = work / "corpus"
+        corpus.mkdir()
+        text = "\n".join(json.loads(line)["text"] for s in ("web", "code", "math")
+                         for line in gzip.open(SAMPLE / f"{s}.jsonl.gz"))
+        size = args.mb * 1_000_000
+        with open(corpus / "huge.jsonl", "w") as f:
+            f.write(json.dumps({"text": (text * (size // len(text) + 1))[:size]}) + "\n")
+        for s in ("code", "math"):
+            with gzip.open(SAMPLE / f"{s}.jsonl.gz", "rb") as src, open(corpus / f"{s}.jsonl", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        seconds, rss = run_measured([
+            sys.executable, "-m", "pipeline.cli", "run", "--only", "tokenizer", f"run_dir={work / 'run'}",
+            f"data.sources.web.path={corpus / 'huge.jsonl'}", f"data.sources.code.path={corpus / 'code.jsonl'}",
+            f"data.sources.math.path={corpus / 'math.jsonl'}"])
+        print(f"tokenizer stage, one {args.mb} MB document: {seconds:.1f} s, peak RSS {rss:,.0f} MB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
