@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -356,8 +357,8 @@ def validate(cfg: DictConfig) -> None:
     missing = sorted(set(data.sources) - set(mix.weights))
     _require(not missing, "data.mix.weights",
              f"no weight for sources {missing}: give each a weight (0 excludes it from the mix)")
-    for name, w in mix.weights.items():
-        _require(w >= 0, f"data.mix.weights.{name}", f"must be >= 0, got {w}")
+    for name, w in mix.weights.items():  # nan fails every comparison; inf would make every share nan
+        _require(math.isfinite(w) and w >= 0, f"data.mix.weights.{name}", f"must be a finite number >= 0, got {w}")
     _require(sum(mix.weights.values()) > 0, "data.mix.weights", "all weights are zero")
     _require(0 <= mix.valid_fraction < 1, "data.mix.valid_fraction", f"must be in [0, 1), got {mix.valid_fraction}")
     _require(mix.valid_tokens is None or mix.valid_tokens >= 0, "data.mix.valid_tokens", "must be >= 0")
@@ -402,6 +403,30 @@ def grad_accumulation(cfg: DictConfig) -> int:
     return t.global_batch_tokens // per_step
 
 
+MODEL_KEYS = {"heads": "model.num_attention_heads", "kv_heads": "model.num_key_value_heads",
+              "layers": "model.num_layers"}
+
+
+def layout_problem(tp: int, pp: int, heads: int, kv_heads: int, ffn: int, layers: int, vpp: Optional[int] = None,
+                   padded_vocab: Optional[int] = None,
+                   keys: Optional[Dict[str, str]] = None) -> Optional[Tuple[str, str]]:
+    """The first way a tp x pp (x vpp) split does not divide a model, as ("tp" or "pp", what does not divide,
+    with the numbers), or None. The one rule for training (below) and checkpoint conversion; `keys`
+    names where the numbers come from, for the message."""
+    at = {what: f" ({key})" for what, key in (keys or {}).items()}
+    stages = pp * (vpp or 1)
+    split = f"pp {pp} x vpp {vpp} = {stages} pipeline stages" if vpp else f"pp {pp}"
+    for dim, rest, message in (
+            ("tp", heads % tp, f"{heads} attention heads{at.get('heads', '')} are not divisible by tp {tp}"),
+            ("tp", kv_heads % tp, f"{kv_heads} key/value heads{at.get('kv_heads', '')} are not divisible by tp {tp}"),
+            ("tp", ffn % tp, f"ffn_hidden_size {ffn} is not divisible by tp {tp}"),
+            ("pp", layers % stages, f"{layers} layers{at.get('layers', '')} are not divisible by {split}"),
+            ("tp", (padded_vocab or 0) % tp, f"the {padded_vocab}-row padded embedding is not divisible by tp {tp}")):
+        if rest:
+            return dim, message
+    return None
+
+
 def validate_megatron_layout(cfg: DictConfig) -> None:
     """What megatron-core would assert deep inside its process groups, checked first, with the numbers."""
     par, m, world = cfg.train.parallel, cfg.model, world_size(cfg)
@@ -409,17 +434,10 @@ def validate_megatron_layout(cfg: DictConfig) -> None:
     _require(world % (par.tp * par.pp) == 0, "train.parallel",
              f"world size {world} (launcher.nnodes x launcher.nproc_per_node) is not divisible by tp {par.tp} x "
              f"pp {par.pp} = {par.tp * par.pp}")
-    kv = m.num_key_value_heads or m.num_attention_heads
-    _require(m.num_attention_heads % par.tp == 0, "train.parallel.tp",
-             f"{m.num_attention_heads} attention heads (model.num_attention_heads) are not divisible by tp {par.tp}")
-    _require(kv % par.tp == 0, "train.parallel.tp",
-             f"{kv} key/value heads (model.num_key_value_heads) are not divisible by tp {par.tp}")
-    ffn = m.ffn_hidden_size or 4 * m.hidden_size
-    _require(ffn % par.tp == 0, "train.parallel.tp", f"ffn_hidden_size {ffn} is not divisible by tp {par.tp}")
-    stages = par.pp * (par.vpp or 1)
-    _require(m.num_layers % stages == 0, "train.parallel.pp",
-             f"{m.num_layers} layers (model.num_layers) are not divisible by pp {par.pp} x vpp {par.vpp or 1} = "
-             f"{stages} pipeline stages")
+    problem = layout_problem(par.tp, par.pp, m.num_attention_heads, m.num_key_value_heads or m.num_attention_heads,
+                             m.ffn_hidden_size or 4 * m.hidden_size, m.num_layers, vpp=par.vpp or 1, keys=MODEL_KEYS)
+    if problem:
+        raise ConfigError(f"train.parallel.{problem[0]}: {problem[1]}")
     if par.vpp is not None:
         _require(par.vpp >= 2 and par.pp >= 2, "train.parallel.vpp",
                  f"virtual stages need pp >= 2 and vpp >= 2 (got pp {par.pp}, vpp {par.vpp}); unset vpp otherwise")

@@ -4,14 +4,17 @@ Megatron (another layout or format), through each family's mapping table.
 Tensors flow one at a time as global tensors (megatron_io.py reads and writes the Megatron formats):
 HF and torch_dist output is written tensor by tensor, legacy output one rank file at a time. Writing
 Megatron output takes two passes over the source: shapes first (the transforms run on meta tensors,
-so a bad checkpoint fails before anything is written), then the data. Every direction writes into
-`<dst>.partial` and renames it into place only when complete: a failed conversion leaves nothing at
-`dst`. Megatron output follows Megatron-LM's layout: `<dst>/iter_0000000/` and
+so a bad checkpoint fails before anything is written), then the data; a TP/PP split that does not
+divide the model is refused before either. Every direction writes into `<dst>.partial` and puts it in
+place only when complete: a failed conversion (a full disk included) leaves `dst` as it was. What may
+be at `dst` beforehand is pipeline/destination.py's rule (nothing is replaced without overwrite=true).
+Megatron output follows Megatron-LM's layout: `<dst>/iter_0000000/` and
 `<dst>/latest_checkpointed_iteration.txt`.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -22,11 +25,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from pipeline import destination
+from pipeline.config import layout_problem
 from pipeline.convert.families import FAMILIES, by_architecture
 from pipeline.convert.mapping import ConversionError, Family, Geometry, Mapping, hf_names
 from pipeline.train.hf_entry import CONFIG_FIELDS, model_config
 from pipeline.convert import megatron_io
-from pipeline.train.megatron_entry import padded_vocab_size
+from pipeline.train.megatron_entry import ffn_size, padded_vocab_size
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json")
@@ -41,20 +46,51 @@ def geometry(model: Dict[str, Any], vocab: int, padded: int) -> Geometry:
                     head_dim=model["hidden_size"] // heads, vocab=vocab, padded_vocab=padded)
 
 
+PARTIAL_MARK = ".pipeline-convert-partial"  # in <dst>.partial while it is written: a leftover is ours to remove
+FULL_BELOW = 16 << 20  # bytes still free on the destination's filesystem after a failed write: a full disk
+
+
 @contextlib.contextmanager
-def publishing(dst: Path) -> Iterator[Path]:
-    """Write into <dst>.partial; it becomes <dst> only if the block completes."""
+def publishing(dst: Path, sources: List[Optional[Path]], overwrite: bool) -> Iterator[Path]:
+    """Write into <dst>.partial; it replaces <dst> only if the block completes. What may be at <dst>
+    (given `sources` and `overwrite`) is checked first, by pipeline/destination.py's rule."""
+    dst = destination.check(dst, sources, overwrite)
     partial = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    if os.path.lexists(partial):
+        if partial.is_symlink() or not (partial / PARTIAL_MARK).is_file():
+            raise ConversionError(f"{partial} is in the way and is not a partial output of pipeline convert (no "
+                                  f"{PARTIAL_MARK}); nothing was written. Move it away")
+        shutil.rmtree(partial)  # left by a killed conversion
+    made = False
     try:
+        partial.mkdir(parents=True)
+        made = True
+        (partial / PARTIAL_MARK).touch()
         yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        (partial / PARTIAL_MARK).unlink()
+        destination.replace(partial, dst)
+    except BaseException as e:
+        full = out_of_space(e, partial if made else partial.parent)
+        if made:
+            shutil.rmtree(partial, ignore_errors=True)
+        if full:
+            raise ConversionError(f"{dst}: no space left on device; the partial output {partial.name} was removed "
+                                  f"and {dst} is as it was. Free some space or choose another dst") from e
         raise
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(partial, dst)
+
+
+def out_of_space(error: BaseException, where: Path) -> bool:
+    """Did a write fail for a full filesystem? ENOSPC says so; torch's zip writer drops the errno
+    (`RuntimeError: [enforce fail at inline_container.cc] ... file write failed`), so for another
+    OSError or RuntimeError the free space left on `where`'s filesystem decides."""
+    failures = getattr(error, "failures", None)  # DCP wraps each rank's error in a CheckpointException
+    errors = [exc for exc, _ in failures.values()] if isinstance(failures, dict) else [error]
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in errors):
+        return True
+    if not any(isinstance(e, (OSError, RuntimeError)) for e in errors):
+        return False
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    return shutil.disk_usage(existing).free < FULL_BELOW
 
 
 def copy_tokenizer_files(src: Optional[Path], dst: Path) -> list:
@@ -200,19 +236,31 @@ def cast(tensor: torch.Tensor, dtype: Optional[str]) -> torch.Tensor:
     return tensor.to(DTYPES[dtype]) if dtype else tensor
 
 
+def check_layout(args: Dict[str, Any], tp: int, pp: int) -> None:
+    """The TP x PP split divides heads, key/value heads, FFN, layers and the padded vocab: training's
+    rule (pipeline/config.py layout_problem), for either format (torch_dist loads at any split, but one
+    padded for an impossible tp is of no use)."""
+    model = args["model"]
+    problem = layout_problem(tp, pp, model["num_attention_heads"],
+                             model.get("num_key_value_heads") or model["num_attention_heads"], ffn_size(model),
+                             model["num_layers"], padded_vocab=args["padded_vocab_size"])
+    if problem:
+        raise ConversionError(f"{problem[0]}={tp if problem[0] == 'tp' else pp}: {problem[1]}; nothing was written. "
+                              f"Pick a tp/pp that divides the model, as training requires")
+
+
 def write_megatron(dst: Path, args: Dict[str, Any], names: List[Tuple[Mapping, str]], produce, fmt: str, tp: int,
-                   pp: int) -> None:
+                   pp: int, sources: List[Optional[Path]], overwrite: bool) -> None:
     """produce(names, meta) yields (mapping, name, global tensor) for the names asked, in their order;
     with `meta` the tensors are shapes only. torch_dist plans from one meta pass, then writes tensor by
     tensor; legacy writes one rank file at a time, reading that stage's tensors once per TP rank, so it
     holds 1/(tp x pp) of the model rather than 1/pp."""
     if fmt not in FORMATS:
         raise ConversionError(f"format: '{fmt}' is not one of {', '.join(FORMATS)}")
+    check_layout(args, tp, pp)
     num_layers = args["model"]["num_layers"]
-    if fmt == "torch" and num_layers % pp:
-        raise ConversionError(f"pp={pp}: {num_layers} layers do not split evenly into {pp} pipeline stages")
     planned = [(name, t) for _, name, t in produce(names, meta=True)]  # every shape checked before writing
-    with publishing(dst) as out:
+    with publishing(dst, sources, overwrite) as out:
         if fmt == "torch_dist":  # global tensors: any TP/PP loads it; tp only decided the vocab padding
             megatron_io.write_torch_dist(out, args, planned, iter(progress(produce(names), len(names), f"-> {fmt}")))
             return
@@ -227,7 +275,7 @@ def write_megatron(dst: Path, args: Dict[str, Any], names: List[Tuple[Mapping, s
 
 
 def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer: Optional[Path] = None,
-                   max_shard_size: int = 5 << 30) -> Dict[str, Any]:
+                   max_shard_size: int = 5 << 30, overwrite: bool = False) -> Dict[str, Any]:
     """A Megatron checkpoint dir (torch_dist or legacy, any TP/PP) -> an HF dir: safetensors (sharded
     with an index above max_shard_size), config.json, generation_config.json, every tokenizer file."""
     from transformers import GenerationConfig
@@ -237,7 +285,7 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
     family = FAMILIES[model["family"]]
     geo = geometry(model, args["vocab_size"], args["padded_vocab_size"])
     mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
-    with publishing(dst) as out:
+    with publishing(dst, [src, tokenizer], overwrite) as out:
         writer = SafetensorsWriter(out, [n for m in mappings.values() for n in m.hf], max_shard_size)
         stream = megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()])
         for meg, tensor in progress(stream, len(mappings), f"{path.name} -> hf"):
@@ -256,7 +304,8 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
 
 
 def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "torch_dist",
-                   make_vocab_size_divisible_by: int = 128, dtype: Optional[str] = None) -> Dict[str, Any]:
+                   make_vocab_size_divisible_by: int = 128, dtype: Optional[str] = None,
+                   overwrite: bool = False) -> Dict[str, Any]:
     """An HF dir -> a Megatron checkpoint dir. The embedding is padded for `tp` (Megatron pads to a
     multiple of make_vocab_size_divisible_by x tp); torch_dist then loads at any TP/PP, legacy files
     are written for exactly tp x pp ranks."""
@@ -282,23 +331,21 @@ def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "t
         for m, meg in names:
             yield m, meg, cast(m.to_megatron([reader.get(n, meta) for n in m.hf], geo), dtype)
 
-    write_megatron(dst, args, [(m, meg) for m, meg, _ in entries], produce, fmt, tp, pp)
+    write_megatron(dst, args, [(m, meg) for m, meg, _ in entries], produce, fmt, tp, pp, [src], overwrite)
     return {"tensors": len(entries), "padded_vocab_size": padded, "format": fmt}
 
 
 def megatron_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "torch_dist",
-                         dtype: Optional[str] = None) -> Dict[str, Any]:
-    """Another layout or format, without going through HF (the embedding keeps its padding)."""
+                         dtype: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
+    """Another layout or format, without going through HF (the embedding keeps its padding: a tp it does
+    not divide is refused; convert from HF to pad for it)."""
     path, args = megatron_io.read_args(src)
     model = args["model"]
     family = FAMILIES[model["family"]]
-    if fmt == "torch" and args["padded_vocab_size"] % tp:
-        raise ConversionError(f"tp={tp}: the {args['padded_vocab_size']}-row embedding does not split into {tp} "
-                              f"equal parts; convert from HF with this tp instead")
     mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
     def produce(names, meta=False):
         for meg, t in megatron_io.read_tensors(path, args, names, meta):
             yield mappings[meg], meg, cast(t, dtype)
 
-    write_megatron(dst, args, [(m, meg) for meg, m in mappings.items()], produce, fmt, tp, pp)
+    write_megatron(dst, args, [(m, meg) for meg, m in mappings.items()], produce, fmt, tp, pp, [src], overwrite)
     return {"tensors": len(mappings), "format": fmt, "source": str(path)}

@@ -70,11 +70,41 @@ def run_import(ctx: StageContext) -> Dict[str, Any]:
                                                  ctx.work_dir / "verify.json")}
 
 
+def trained_model(train: Path, backend: str) -> Dict[str, Any]:
+    """The trained model's model.* settings (the init's shape for continued pretraining), from the train
+    stage's output: the megatron checkpoint's stored args (as `pipeline convert` reads them), or the HF
+    dir's config.json."""
+    if backend == "megatron":
+        from pipeline.convert.megatron_io import read_args
+
+        return read_args(train / "checkpoints")[1]["model"]
+    from pipeline.train.hf_entry import CONFIG_FIELDS
+
+    config = json.loads((train / "hf" / "config.json").read_text())
+    fields = CONFIG_FIELDS.get(config.get("model_type"), CONFIG_FIELDS["llama"])  # Mistral & co: Llama's names
+    return {ours: config.get(hf) for ours, hf in fields.items()}
+
+
+def check_export_layout(train: Path, backend: str, tp: int) -> None:
+    """export.tp divides the model (pipeline convert's and training's rule), checked before the export
+    converts anything rather than when its last conversion refuses it."""
+    from pipeline.config import ConfigError, layout_problem
+
+    m = trained_model(train, backend)
+    heads = m["num_attention_heads"]
+    problem = layout_problem(tp, 1, heads, m.get("num_key_value_heads") or heads,
+                             m.get("ffn_hidden_size") or 4 * m["hidden_size"], m["num_layers"])
+    if problem:
+        raise ConfigError(f"export.tp: {problem[1]} (the model trained in {train}); nothing was exported")
+
+
 def run_export(ctx: StageContext) -> Dict[str, Any]:
     cfg, train = ctx.cfg.export, ctx.inputs["train"]
-    out = ctx.work_dir
+    out = ctx.work_dir  # the stage's own fresh work dir: the conversions' destinations are always new
     dtype: List[str] = [f"dtype={cfg.dtype}"] if cfg.dtype else []
     metrics: Dict[str, Any] = {}
+    if cfg.megatron:
+        check_export_layout(train, ctx.cfg.train.backend, cfg.tp)
     if ctx.cfg.train.backend == "megatron":
         checkpoints = train / "checkpoints"
         convert(f"src={checkpoints}", f"dst={out / 'hf'}", "to=hf", *dtype)

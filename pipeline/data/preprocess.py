@@ -4,7 +4,8 @@ Same arguments (`--input --output-prefix --json-keys --append-eod --workers`, an
 `--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR` spelling), same output names
 (`<prefix>_<key>_document.bin/.idx`), same ids, document boundaries and dtype; it runs on the tokenize
 stage's machinery, so it is parallel, resumable after a kill (shards kept in `<prefix>.scratch/`),
-and publishes the .bin/.idx only when complete.
+and publishes the .bin/.idx only when complete. Outputs of an earlier run are replaced only with
+`--overwrite` (pipeline/destination.py's rule, applied to each file it writes).
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+from pipeline import destination
 from pipeline.config import TokenizeConfig
 from pipeline.data.sources import DataError, list_files
 from pipeline.data.tokenize import tokenize_sources
@@ -43,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partitions", type=int, default=1, help="accepted and ignored: sharding is automatic")
     p.add_argument("--log-interval", type=int, default=0, help="accepted and ignored")
     p.add_argument("--keep-newlines", action="store_true", help="accepted and ignored (sentence splitting only)")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run (refused without)")
 
 
 def preprocess(args: argparse.Namespace) -> None:
@@ -52,6 +56,8 @@ def preprocess(args: argparse.Namespace) -> None:
         raise DataError(f"--tokenizer-type {args.tokenizer_type}: only HuggingFaceTokenizer is supported")
     prefix = Path(args.output_prefix)
     scratch = Path(f"{prefix}.scratch")
+    inputs = list_files(args.input, "--input")
+    _claim_outputs(args, prefix, scratch, inputs)
     tokenizer_dir = _tokenizer_dir(args.tokenizer, scratch)
     opts = TokenizeConfig(workers=args.workers, engine=args.engine, shard_bytes=args.shard_bytes,
                           append_eod=args.append_eod, executor=args.executor, ray_address=args.ray_address)
@@ -61,14 +67,14 @@ def preprocess(args: argparse.Namespace) -> None:
                for key in args.json_keys}
     # Shards left by an interrupted run are reused only if input, tokenizer and options are the same.
     key = hashlib.sha256(canonical_json({
-        "inputs": input_identities(list_files(args.input, "--input")),
+        "inputs": input_identities(inputs),
         "tokenizer": sha256_file(tokenizer_dir / "tokenizer.json"),
         "opts": {**vars(opts), "engine": str(args.engine)}, "keys": args.json_keys,
         "policy": args.on_bad_record}).encode()).hexdigest()
-    key_file = scratch / "KEY"
-    if scratch.exists() and (not key_file.is_file() or key_file.read_text() != key):
-        shutil.rmtree(scratch)
-    (scratch / "shards").mkdir(parents=True, exist_ok=True)
+    key_file = scratch / KEY
+    if key_file.read_text() != key:  # shards of another input, tokenizer or options
+        shutil.rmtree(scratch / "shards", ignore_errors=True)
+    (scratch / "shards").mkdir(exist_ok=True)
     key_file.write_text(key)
     prefixes = {k: Path(f"{prefix}_{k}_document") for k in args.json_keys}
     metrics = tokenize_sources(sources, tokenizer_dir, prefixes, scratch / "shards", opts)
@@ -78,6 +84,29 @@ def preprocess(args: argparse.Namespace) -> None:
                  metrics["dtype"], m["skipped"] or "none")
     log.info("engine %s, %.1fs, %s tokens/s", metrics["engine"], metrics["seconds"], f"{metrics['tokens_per_second']:,}")
     Path(f"{prefix}.preprocess.json").write_text(json.dumps(metrics, indent=2))
+
+
+KEY = "KEY"  # in <prefix>.scratch/ from its creation: what the shards were made from, and that a run made it
+
+
+def _claim_outputs(args: argparse.Namespace, prefix: Path, scratch: Path, inputs: list) -> None:
+    """Before anything is written: every file this run writes may be written (none is, or is inside, an
+    input; an existing one only with --overwrite), and <prefix>.scratch/ is this command's or absent."""
+    outputs = [*(Path(f"{prefix}_{k}_document{ext}") for k in args.json_keys
+                 for ext in (".bin", ".idx", ".rejects.jsonl")), Path(f"{prefix}.preprocess.json")]
+    sources = [*inputs, *([args.input] if os.path.isdir(args.input) else [])]
+    for out in outputs:
+        destination.check(out, sources, args.overwrite, "--output-prefix", "--overwrite")
+    for out in outputs:
+        if out.is_symlink():  # --overwrite: replace the link, never write through it
+            out.unlink()
+    ours = scratch.is_dir() and not scratch.is_symlink() and (scratch / KEY).is_file()
+    if not ours:  # absent, empty, or not made by preprocess: only --overwrite removes it
+        destination.check(scratch, sources, args.overwrite, "--output-prefix", "--overwrite")
+        if os.path.lexists(scratch):
+            destination.remove(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / KEY).touch()
 
 
 def _tokenizer_dir(name: str, scratch: Path) -> Path:
