@@ -43,6 +43,7 @@ bench: $(STAMP)
 	    model.num_attention_heads=8 model.num_key_value_heads=4
 	$(BIN)/python bench/train_megatron.py
 	$(BIN)/python bench/convert.py
+	$(BIN)/python bench/tokenizer_sample.py
 
 docker:
 	docker build -f docker/Dockerfile -t $(IMAGE) .
