@@ -1,4 +1,5 @@
-"""`pipeline run | status | clean | convert | verify | preprocess`. Overrides are Hydra's: `pipeline run data.mix.weights.code=0.2`."""
+"""`pipeline run | status | clean | convert | verify | verify-data | preprocess`.
+Overrides are Hydra's: `pipeline run data.mix.weights.code=0.2`."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +12,7 @@ from typing import List, Optional
 
 from pipeline.config import ConfigError
 from pipeline.data.sources import DataError
-from pipeline.runner import Runner, StageError
+from pipeline.runner import STORAGE_ERRORS, Runner, StageError, storage_errors, storage_problem
 
 log = logging.getLogger("pipeline")
 
@@ -78,12 +79,17 @@ def cmd_run(args) -> int:
         return 0
     if launch.is_joining_node(runner.cfg.launcher):
         return launch.join_training(runner, runner.cfg.launcher)
-    runner.run(only, force, restart)
+    with storage_errors(runner.run_dir):  # what no stage wrote: the lock, config.yaml, environment.json
+        runner.run(only, force, restart, args.break_lock)
     log.info("run dir: %s", runner.run_dir)
     return 0
 
 
 def cmd_status(args) -> int:
+    if args.verify:  # every published stage against its manifest: sizes, and all the sha256s it recorded
+        from pipeline.integrity import verify_run
+
+        return verify_run(_runner(args))
     rows = _runner(args).status()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -92,7 +98,7 @@ def cmd_status(args) -> int:
     for r in rows:
         finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["finished"])) if r["finished"] else "-"
         size = f"{r['bytes'] / 1e6:.1f} MB" if r["bytes"] else "-"
-        where = f"  {Path(r['dir']).name}/" if r["status"] == "aside" else ""
+        where = f"  {Path(r['dir']).name}/" if r["status"] == "aside" else f"  {r['holder']}" if r["holder"] else ""
         print(f"{r['stage']:<10} {r['status']:<8} {r['fingerprint'][:12]:<13} {size:>10} "
               f"{r['seconds'] if r['seconds'] is not None else '-':>8}  {finished}{where}")
     return 0
@@ -123,6 +129,19 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
+def cmd_verify_data(args) -> int:
+    """Any .bin/.idx pair: its structure, and every token id (< --vocab-size if given). A bad one is a DataError."""
+    from pipeline.data.indexed import IndexedReader, check_token_ids
+
+    prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
+    reader = IndexedReader(prefix)
+    top, _ = check_token_ids(reader, args.vocab_size)
+    vocab = f" (< vocab size {args.vocab_size})" if args.vocab_size is not None else ""
+    print(f"{prefix}: OK: {len(reader):,} documents, {reader.num_tokens:,} {reader.dtype.name} tokens, "
+          f"max id {top if top >= 0 else '-'}{vocab}")
+    return 0
+
+
 def key_values(pairs: List[str], allowed: dict) -> dict:
     """`key=value` arguments (as the design's `pipeline convert src=... to=hf`), typed by `allowed`."""
     out = {}
@@ -140,8 +159,15 @@ def size_bytes(text: str) -> int:
     return int(float(text[:-2]) * units[suffix]) if suffix in units else int(text)
 
 
+def true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ConfigError(f"'{text}' is not true or false (as in overwrite=true)")
+    return text.lower() == "true"
+
+
 CONVERT_ARGS = {"src": Path, "dst": Path, "to": str, "tp": int, "pp": int, "format": str, "dtype": str,
-                "tokenizer": Path, "max_shard_size": size_bytes, "make_vocab_size_divisible_by": int}
+                "tokenizer": Path, "max_shard_size": size_bytes, "make_vocab_size_divisible_by": int,
+                "overwrite": true_or_false}
 
 
 def cmd_convert(args) -> int:
@@ -158,13 +184,17 @@ def cmd_convert(args) -> int:
         raise ConfigError(f"dtype: '{kv['dtype']}' is not one of {', '.join(DTYPES)}")
     if not kv["src"].is_dir():
         raise ConfigError(f"src: {kv['src']} is not a directory")
+    for key in ("tp", "pp"):
+        if kv.get(key, 1) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {kv[key]}")
+    overwrite = kv.get("overwrite", False)  # a non-empty dst is refused without it (pipeline/destination.py)
     layout = {"tp": kv.get("tp", 1), "pp": kv.get("pp", 1), "fmt": kv.get("format", "torch_dist"),
-              "dtype": kv.get("dtype")}
+              "dtype": kv.get("dtype"), "overwrite": overwrite}
     from_hf = (kv["src"] / "config.json").is_file()
     try:
         if kv["to"] == "hf":
             result = megatron_to_hf(kv["src"], kv["dst"], kv.get("dtype"), kv.get("tokenizer"),
-                                    kv.get("max_shard_size", 5 << 30))
+                                    kv.get("max_shard_size", 5 << 30), overwrite)
         elif from_hf:
             result = hf_to_megatron(kv["src"], kv["dst"], make_vocab_size_divisible_by=kv.get(
                 "make_vocab_size_divisible_by", 128), **layout)
@@ -211,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", default="", metavar="STAGES",
                      help="start these stages (comma separated) over: their partial work (checkpoints included) is "
                           "moved aside to <stage>.restarted-<time>/, never deleted")
+    run.add_argument("--break-lock", action="store_true", help="take the run dir's lock even if it looks held (by a "
+                     "job on another host that is gone, say); a live process of this host keeps it")
     run.add_argument("--config-from", metavar="RUN_DIR", help="rerun with an earlier run's resolved config "
                      "(RUN_DIR/config.yaml); overrides are key=value on top of it")
     run.set_defaults(func=cmd_run)
@@ -218,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="which stages are done, their fingerprints, sizes, times")
     with_overrides(status)
     status.add_argument("--json", action="store_true", help="machine-readable: status, fingerprint, outputs")
+    status.add_argument("--verify", action="store_true", help="re-check every published stage's outputs against its "
+                        "manifest (sizes, full sha256) and name each that changed; exit 2 if any did")
     status.set_defaults(func=cmd_status)
 
     clean = sub.add_parser("clean", help="list (or with --yes remove) the partial dirs --restart moved aside")
@@ -227,13 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="checkpoint HF <-> Megatron, or Megatron -> Megatron: src=<dir> dst=<dir> "
                                           "to=hf|megatron [tp=N pp=N format=torch_dist|torch dtype=fp32|bf16|fp16 "
-                                          "tokenizer=<dir> max_shard_size=5GB make_vocab_size_divisible_by=128]")
+                                          "tokenizer=<dir> max_shard_size=5GB make_vocab_size_divisible_by=128 "
+                                          "overwrite=true]")
     conv.add_argument("pairs", nargs="*", metavar="key=value")
     conv.set_defaults(func=cmd_convert)
 
     ver = sub.add_parser("verify", help="same logits? a=<hf dir> b=<megatron dir> [tp=N tolerance=1e-4 report=<json>]")
     ver.add_argument("pairs", nargs="*", metavar="key=value")
     ver.set_defaults(func=cmd_verify)
+
+    vdata = sub.add_parser("verify-data", help="check a .bin/.idx pair: structure, and token ids below --vocab-size")
+    vdata.add_argument("prefix", metavar="PREFIX", help="the pair's path without .bin/.idx (or with either)")
+    vdata.add_argument("--vocab-size", type=int, help="every token id must be below this")
+    vdata.set_defaults(func=cmd_verify_data)
 
     pre = sub.add_parser("preprocess", help="drop-in for Megatron-LM tools/preprocess_data.py with an HF tokenizer")
     from pipeline.data.preprocess import add_arguments
@@ -250,6 +290,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except (ConfigError, DataError, StageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a quota, a read-only or forbidden path: named, exit 2
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        print(f"error: {storage_problem(e, Path(getattr(args, 'output_prefix', None) or Path.cwd()))}",
+              file=sys.stderr)
         return 2
     except Exception as e:  # Hydra's composition errors carry the key in their cause chain
         if type(e).__module__.startswith(("hydra", "omegaconf")):

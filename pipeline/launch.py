@@ -10,7 +10,9 @@
 The runner stays one process on one node. It runs the data and conversion stages once, launches
 training, waits, and on failure reports which rank failed and how (torchrun's failure summary, from
 every node's log), then the log paths. Each entry point's main is wrapped in torchelastic's `record`,
-so a rank's Python exception reaches that summary with its traceback.
+so a rank's Python exception reaches that summary with its traceback. The launch ends with the driver
+(pipeline/lifetime.py), and a dead rank ends it within seconds, even when a helper of that rank holds
+the output pipe open (run_logged).
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Mapping
 
+import psutil
+
+from pipeline import lifetime
 from pipeline.config import ConfigError
 
 log = logging.getLogger("pipeline")
@@ -145,22 +150,114 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
-    """Run, copying the ranks' output byte for byte to our stderr (progress bars intact) and to log_path."""
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+DRAIN_SECONDS = 5.0  # once the launcher has exited, how long its output may still take to end
+STOP_SECONDS = 10.0  # SIGTERM -> SIGKILL for what the launch left running (or all of it, if we stop early)
+TAIL_BYTES = 1 << 20  # output kept in memory for the failure report once the log cannot be written
+_UNLOGGED: Dict[Path, bytearray] = {}  # log path -> the output tail that could not be written to it
 
-        def pump():
-            while chunk := proc.stdout.read1(65536):
-                logf.write(chunk)
+
+def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
+    """Run, copying the ranks' output byte for byte to our stderr (progress bars intact) and to log_path.
+
+    The launcher runs in a session of its own and gets SIGTERM if this process dies (pipeline/lifetime.py).
+    While it runs, the processes under it are noted every second; once it exits, those still running (a
+    dead rank's checkpoint-writer helper, which holds the output pipe open) are stopped, and the output
+    gets DRAIN_SECONDS more to end. So this returns at most STOP_SECONDS + DRAIN_SECONDS after the
+    launcher exits, with its failure summary read.
+    """
+    env = {**env, lifetime.DRIVER_ENV: lifetime.driver_env()}
+    _UNLOGGED.pop(log_path, None)
+    # started from the thread that waits for it below: its death signal must not fire while it runs
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=lifetime.launcher_preexec())
+    pump = threading.Thread(target=_pump, args=(proc.stdout, log_path), name="launch-output", daemon=True)
+    pump.start()
+    launcher, launched = psutil.Process(proc.pid), {}
+    try:
+        while proc.poll() is None:
+            try:
+                launched.update((p.pid, p) for p in launcher.children(recursive=True) if p.pid not in launched)
+            except psutil.Error:
+                pass
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:  # Ctrl-C, or an error here: the launch must not outlive its wait
+        _stop([launcher, *launched.values()], "stopping the launch")
+        proc.wait()
+        raise
+    finally:
+        _stop(list(launched.values()), "the launch has exited; stopping what it left running")
+        pump.join(DRAIN_SECONDS)
+        if pump.is_alive():
+            log.warning("the launch's output did not end within %.0f s of its exit (a process outside it holds the "
+                        "pipe?); no longer waiting for it", DRAIN_SECONDS)
+    return proc.returncode
+
+
+def _stop(procs: List[psutil.Process], why: str) -> None:
+    """SIGTERM the processes still running, SIGKILL those left after STOP_SECONDS."""
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                p.terminate()
+                alive.append(p)
+        except psutil.Error:
+            pass
+    if not alive:
+        return
+    log.warning("%s: %s", why, ", ".join(f"pid {p.pid}" for p in alive))
+    _, alive = psutil.wait_procs(alive, timeout=STOP_SECONDS)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=1.0)
+
+
+def _pump(pipe, log_path: Path) -> None:
+    """Copy the launch's output to log_path and to our stderr until EOF. A log that cannot be written (a
+    full disk) does not stop the copy: the output goes on to stderr, and its tail is kept for the report."""
+    tail = bytearray()
+    logf = None
+    try:
+        logf = open(log_path, "ab", buffering=0)  # unbuffered: a failed write shows at once, not at close
+    except OSError as e:
+        _log_lost(log_path, e, tail)
+    with pipe:
+        while chunk := pipe.read1(65536):
+            rest = chunk
+            while logf is not None and rest:
+                try:
+                    rest = rest[logf.write(rest):]
+                except OSError as e:
+                    _log_lost(log_path, e, tail)
+                    logf.close()  # unbuffered: nothing left to flush
+                    logf = None
+            if logf is None:
+                tail += rest
+                del tail[:-TAIL_BYTES]
+            try:
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.flush()
+            except (OSError, ValueError):  # our stderr is gone: the log still gets everything
+                pass
+    if logf is not None:
+        logf.close()
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        rc = proc.wait()
-        reader.join()
-    return rc
+
+def _log_lost(log_path: Path, error: OSError, tail: bytearray) -> None:
+    log.error("cannot write %s (%s); the launch's output goes on to stderr only", log_path, error.strerror or error)
+    _UNLOGGED[log_path] = tail  # the pump appends to it from now on
+
+
+def _log_text(path: Path) -> str:
+    """A launch's log, followed by the output that could not be written to it."""
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return text + bytes(_UNLOGGED.get(path, b"")).decode(errors="replace")
 
 
 def root_causes(log_text: str) -> List[Dict[str, str]]:
@@ -179,12 +276,12 @@ def root_causes(log_text: str) -> List[Dict[str, str]]:
 def failure_report(logs: List[Path]) -> str:
     """The failed rank of every node's launch, then the driver log's last lines."""
     lines = []
-    for path in (p for p in logs if p.is_file()):
-        for cause in root_causes(path.read_text(errors="replace")):
+    for path in (p for p in logs if p.is_file() or p in _UNLOGGED):
+        for cause in root_causes(_log_text(path)):
             lines.append(f"rank {cause.get('rank', '?')} on {cause.get('host', '?')} failed, exit code "
                          f"{cause.get('exitcode', '?')}: {cause['error']} (log: {path})")
     head = "\n".join(lines) or "no torchrun failure summary in the logs; see their last lines"
-    tail = logs[0].read_text(errors="replace").splitlines()[-25:] if logs[0].is_file() else []
+    tail = _log_text(logs[0]).splitlines()[-25:]
     return f"{head}\nLast lines of {logs[0]}:\n" + "\n".join(tail)
 
 

@@ -12,13 +12,15 @@ On disk, under the run dir:
                          work (checkpoints, finished shards): then the run stops and names what changed
     <stage>.restarted-<time>/  a partial moved aside by `pipeline run --restart <stage>`; kept until
                          `pipeline clean`
-    .lock                {pid, host} of the one process writing this run dir
+    .lock                {pid, host, since, stage} of the one process writing this run dir (RunLock)
     config.yaml          the fully resolved config of the last run (`pipeline run --config-from <run dir>`)
     environment.json     what ran it: package versions, the git commit (and whether it was dirty), seeds
 An earlier output stays in place, untouched, until its replacement is complete.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import hashlib
 import json
@@ -27,12 +29,15 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import run_dir_of, strip_how, subtree
@@ -175,48 +180,204 @@ def environment(cfg: DictConfig) -> Dict[str, Any]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+# ----------------------------------------------------------------------------- storage errors
+
+# errno -> (cause, what to do); anywhere in a stage or command these exit 2 with the path
+STORAGE_ERRORS = {errno.ENOSPC: ("no space left on device", "free space and rerun"),
+                  errno.EDQUOT: ("disk quota exceeded", "free space (or raise the quota) and rerun"),
+                  errno.EROFS: ("read-only file system", "make it writable (or choose another run_dir) and rerun"),
+                  errno.EACCES: ("permission denied", "fix its permissions and rerun")}
+FULL_BELOW = 16 << 20  # bytes free: a filesystem this full is full
+
+
+class StorageError(StageError):
+    """A write failed for the storage (full, over quota, read-only, no permission); the message names the path."""
+
+
+def storage_problem(error: BaseException, where: Path) -> Optional[str]:
+    """'no space left on device: <path>; free space and rerun: finished work is kept' (or the like for the
+    other STORAGE_ERRORS) when `error` is one; `where` stands in for the path when the error names none."""
+    chain = [error]
+    while len(chain) < 16 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    found = next((e for e in chain if isinstance(e, OSError) and e.errno in STORAGE_ERRORS), None)
+    text = str(error)  # errors that lost their errno: a rank's, quoted in a failure report, and torch's zip
+    # writer's ("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", or "... file write
+    # failed"), which says nothing of the cause: the free space says it
+    torch_write = "inline_container.cc" in text or "file write failed" in text
+    if found is not None:
+        code, where = found.errno, Path(str(found.filename)) if found.filename else where
+    elif "No space left on device" in text or (torch_write and _free_bytes(where) < FULL_BELOW):
+        code = errno.ENOSPC
+    elif "Disk quota exceeded" in text:
+        code = errno.EDQUOT
+    else:
+        return None
+    cause, fix = STORAGE_ERRORS[code]
+    return f"{cause}: {where}; {fix}: finished work is kept"
+
+
+@contextlib.contextmanager
+def storage_errors(where: Path) -> Iterator[None]:
+    """Turn a storage failure inside the block into a StorageError (exit 2) naming the path, or `where`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, RuntimeError) as e:  # StageError is a RuntimeError: a rank's quoted error counts too
+        problem = storage_problem(e, where)
+        if problem is None:
+            raise
+        raise StorageError(problem + (f"\n{e}" if isinstance(e, StageError) else "")) from e
+
+
+def _free_bytes(where: Path) -> float:
+    try:
+        return shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        return float("inf")
+
+
 # ----------------------------------------------------------------------------- the lock
 
-class RunLock:
-    """One writer per run dir. A lock left by a dead process on this host is taken over."""
+LOCK_HEARTBEAT = 60  # seconds: the holder refreshes the lock's mtime this often
+LOCK_STALE = 600  # seconds: a lock from another host left unrefreshed this long is taken over
+LOCK_EMPTY_STALE = 5  # seconds: an empty or unreadable lock older than this is taken over
 
-    def __init__(self, run_dir: Path):
+
+class RunLock:
+    """One writer per run dir: `.lock` holds {pid, host, since, stage}.
+
+    The content goes to a temp file first, which os.link then publishes as `.lock` (failing if one exists):
+    a lock is never seen half written, and a full disk leaves none. A lock is taken over when it is empty
+    or unreadable and older than LOCK_EMPTY_STALE, when its pid is dead on this host, or when it is from
+    another host and has not been refreshed for LOCK_STALE (the holder refreshes it every LOCK_HEARTBEAT
+    from a thread); `--break-lock` takes over any lock but a live process's on this host."""
+
+    def __init__(self, run_dir: Path, break_lock: bool = False):
         self.path = run_dir / ".lock"
+        self.break_lock = break_lock
+        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "stage": None}
+        self._done = threading.Event()
 
     def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = read_json(self.path) or {}  # {} = its writer has not filled it in yet: live
-                if "pid" in holder and holder.get("host") == me["host"] and not _pid_alive(holder["pid"]):
-                    log.warning("taking over stale lock %s from dead pid %s", self.path, holder.get("pid"))
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise StageError(
-                    f"{self.path.parent} is in use by pid {holder.get('pid')} on {holder.get('host')}; "
-                    f"wait for it, or delete {self.path} if that process is gone") from None
+        with storage_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(3):
+                tmp = self._write_temp()
+                try:
+                    os.link(tmp, self.path)
+                    break
+                except FileExistsError:
+                    self._take_over_or_refuse()
+                finally:
+                    tmp.unlink()
+            else:
+                raise StageError(f"could not take the lock {self.path}: other runs keep taking it; retry")
+        threading.Thread(target=self._heartbeat, name="run-lock", daemon=True).start()
+        return self
+
+    def _write_temp(self) -> Path:
+        fd, name = tempfile.mkstemp(prefix=".lock.", suffix=".tmp", dir=self.path.parent)
+        try:
             with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return self
-        raise StageError(f"could not take the lock {self.path}")
+                json.dump(self.me, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(name)
+            raise
+        return Path(name)
+
+    def _take_over_or_refuse(self) -> None:
+        try:
+            inode = self.path.stat().st_ino
+        except FileNotFoundError:
+            return  # released meanwhile
+        holder, age, stale = lock_state(self.path)
+        here = holder and holder.get("host") == socket.gethostname()
+        where = self.path.parent
+        if stale is None and self.break_lock and not here:
+            stale = "--break-lock"
+        if stale is None:
+            if not holder:
+                raise StageError(f"{self.path} is empty and {age:.0f} s old: another run is starting in {where}; "
+                                 f"retry in a few seconds (an empty lock older than {LOCK_EMPTY_STALE} s is taken "
+                                 f"over)")
+            if here:
+                raise StageError(f"{where} is in use by pid {holder['pid']} on this host ({holder['host']}) since "
+                                 f"{time.strftime('%H:%M:%S', time.localtime(holder.get('since', 0)))}; wait for it "
+                                 f"to finish, or stop it" + (" (--break-lock does not take a lock from a running "
+                                                            "process of this host)" if self.break_lock else ""))
+            raise StageError(f"{where} is in use by pid {holder.get('pid')} on {holder.get('host')} (lock refreshed "
+                             f"{age:.0f} s ago). If that run is gone (a job preempted there, say), the lock is taken "
+                             f"over once it has gone {LOCK_STALE // 60} min without a refresh; or take it now with "
+                             f"`pipeline run --break-lock`")
+        log.warning("taking over the lock %s of pid %s on %s: %s", self.path, holder.get("pid"), holder.get("host"),
+                    stale)
+        aside = self.path.with_name(f".lock.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        if aside.stat().st_ino != inode:  # a run that started meanwhile took it: put its lock back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        aside.unlink()
+
+    def working_on(self, stage: str) -> None:
+        """Note the stage being run in the lock (for `pipeline status`); a failure to is not fatal."""
+        self.me["stage"] = stage
+        try:
+            tmp = self._write_temp()
+        except OSError as e:
+            log.warning("could not note stage %s in %s (%s)", stage, self.path, e)
+            return
+        os.replace(tmp, self.path)
+
+    def _heartbeat(self) -> None:
+        while not self._done.wait(LOCK_HEARTBEAT):
+            try:
+                os.utime(self.path)
+            except OSError as e:
+                log.warning("could not refresh the lock %s (%s); another host may take it over after %d min",
+                            self.path, e, LOCK_STALE // 60)
 
     def __exit__(self, *exc: Any) -> None:
-        self.path.unlink(missing_ok=True)
+        self._done.set()
+        holder, _, _ = lock_state(self.path)
+        if holder and all(holder.get(k) == self.me[k] for k in ("pid", "host", "since")):  # still ours
+            self.path.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def lock_state(path: Path) -> Tuple[Optional[Dict[str, Any]], float, Optional[str]]:
+    """(holder, age in seconds, why the lock is stale, or None while it is held). The holder is None when
+    there is no lock, {} when it is empty or unreadable."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        age = time.time() - path.stat().st_mtime
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, 0.0, None
+    except (OSError, ValueError):
+        holder = None
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return {}, age, f"it is empty or unreadable and {age:.0f} s old" if age > LOCK_EMPTY_STALE else None
+    if holder.get("host") == socket.gethostname():
+        return holder, age, None if _holder_alive(holder) else f"pid {holder['pid']} is not running on this host"
+    if age > LOCK_STALE:
+        return holder, age, f"{holder.get('host')} has not refreshed it for {age / 60:.0f} min"
+    return holder, age, None
+
+
+def _holder_alive(holder: Dict[str, Any]) -> bool:
+    try:
+        proc = psutil.Process(int(holder["pid"]))
+        # a process started after the lock was taken is not its holder: the pid was reused
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= float(holder.get("since", "inf")) + 1
+    except (psutil.NoSuchProcess, ValueError, TypeError):
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 # ----------------------------------------------------------------------------- planning
@@ -326,6 +487,10 @@ class Runner:
         for item in plan:
             if item.action == "run" and item.stage.name not in restart:
                 self._refuse_to_drop(item)
+            final = self.stage_dir(item.stage.name)  # publishing replaces it: only if the runner wrote it
+            if item.action == "run" and os.path.lexists(final) and not (final / MANIFEST).is_file():
+                raise StageError(f"stage {item.stage.name}: {final} exists but has no {MANIFEST}, so this pipeline "
+                                 f"did not write it; nothing was removed. Move it away or choose another run_dir")
 
     def _refuse_to_drop(self, item: PlanItem) -> None:
         stage, partial = item.stage, self.partial_dir(item.stage.name)
@@ -369,8 +534,8 @@ class Runner:
         return sorted(p for p in self.run_dir.glob(f"*{ASIDE}*") if p.is_dir())
 
     def run(self, only: Optional[Sequence[str]] = None, force: Sequence[str] = (),
-            restart: Sequence[str] = ()) -> List[PlanItem]:
-        with RunLock(self.run_dir):
+            restart: Sequence[str] = (), break_lock: bool = False) -> List[PlanItem]:
+        with RunLock(self.run_dir, break_lock) as lock:
             force = list(force) + [n for n in restart if n not in force]
             plan = self.plan(only, force)
             self.check(plan, restart)  # before any stage runs or any partial is moved
@@ -397,20 +562,45 @@ class Runner:
                 log.info("[%s] run: %s", name, "; ".join(item.reasons))
                 for note in item.notes:
                     log.info("[%s] %s", name, note)
-                self._execute(item)
+                from pipeline.integrity import verify_upstream  # it imports this module
+
+                verify_upstream(self, item)  # what it reads is what its upstream stages wrote: sizes, sha256
+                self._execute(item, lock)
             return plan
 
-    def _execute(self, item: PlanItem) -> None:
+    def _execute(self, item: PlanItem, lock: Optional[RunLock] = None) -> None:
         stage, name = item.stage, item.stage.name
-        final, partial = self.stage_dir(name), self.partial_dir(name)
-        marker = partial / ".fingerprint"
+        partial = self.partial_dir(name)
         if partial.exists():
-            resumable = stage.resumable and _read_text(marker) == item.fingerprint
+            resumable = stage.resumable and _read_text(partial / ".fingerprint") == item.fingerprint
             if resumable:
                 log.info("[%s] resuming partial work in %s", name, partial)
             else:
                 self._refuse_to_drop(item)  # checked before the run too; the partial may have changed since
                 shutil.rmtree(partial)
+        if lock is not None:
+            lock.working_on(name)
+        try:
+            with storage_errors(partial):
+                self._work(item, partial)
+        except BaseException:
+            self._failed(stage, partial)
+            raise
+
+    def _failed(self, stage: Stage, partial: Path) -> None:
+        """A failed stage's partial dir goes, unless the stage resumes from it: then only its unfinished writes
+        (*.tmp, which nothing resumes from) go, and the rest stays for the rerun."""
+        if not stage.resumable:
+            shutil.rmtree(partial, ignore_errors=True)
+            log.info("[%s] failed; removed %s (a rerun starts the stage over)", stage.name, partial.name)
+            return
+        for tmp in partial.rglob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        log.info("[%s] failed; %s is kept for the rerun to resume", stage.name, partial.name)
+
+    def _work(self, item: PlanItem, partial: Path) -> None:
+        stage, name = item.stage, item.stage.name
+        final, marker = self.stage_dir(name), partial / ".fingerprint"
         partial.mkdir(parents=True, exist_ok=True)
         marker.write_text(item.fingerprint)
         write_json_atomic(partial / IDENTITY, {"fingerprint": item.fingerprint, "parts": item.parts, "how": item.how})
@@ -450,10 +640,14 @@ class Runner:
 
     def status(self) -> List[Dict[str, Any]]:
         rows = []
+        holder, _, stale = lock_state(self.run_dir / ".lock")
+        running = holder.get("stage") if holder and stale is None else None  # what a live lock holder works on
         for item in self.plan():
             name = item.stage.name
             man = self.manifest(name) or {}
-            if not man:
+            if name == running and self.partial_dir(name).exists():
+                state = "running"
+            elif not man:
                 state = "partial" if self.partial_dir(name).exists() else "missing"
             elif item.action == "run":
                 state = "stale"
@@ -471,12 +665,13 @@ class Runner:
                 "bytes": sum(o["size"] for o in outputs.values()),
                 "seconds": man.get("seconds"),
                 "finished": man.get("finished"),
+                "holder": f"{holder['pid']}@{holder['host']}" if state == "running" else None,
             })
         for aside in self.leftovers():
             rows.append({"stage": aside.name.split(ASIDE)[0], "status": "aside", "fingerprint": "",
                          "manifest_fingerprint": None, "reasons": ["moved aside by --restart; `pipeline clean` removes it"],
                          "dir": str(aside), "outputs": {}, "bytes": _dir_bytes(aside), "seconds": None,
-                         "finished": aside.stat().st_mtime})
+                         "finished": aside.stat().st_mtime, "holder": None})
         return rows
 
 

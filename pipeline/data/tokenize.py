@@ -30,6 +30,7 @@ from pipeline.data.indexed import IndexedWriter, token_dtype
 from pipeline.data.sources import (DataError, RecordSink, RecordStats, Shard, first_documents, local_files,
                                    plan_shards, read_shard)
 from pipeline.data.tokenizer import TOKENIZER_FILE, tokenizer_info
+from pipeline.lifetime import die_with_parent
 from pipeline.runner import SCRATCH, StageContext, write_json_atomic
 
 log = logging.getLogger("pipeline")
@@ -161,6 +162,13 @@ def _worker_init() -> None:
     os.environ["FASTOKENS_BPE_THREADS"] = "1"  # fastokens sizes its own pool from this, not from rayon's
 
 
+def _local_worker_init() -> None:
+    # A worker dies with the driver, even a SIGKILLed one. Its parent is the thread that submits the shards
+    # and waits for them (ProcessPoolExecutor spawns on submit), which outlives the pool.
+    die_with_parent(parent=mp.parent_process().pid)
+    _worker_init()
+
+
 # ----------------------------------------------------------------------------- driver side
 
 def _marker(job: Job) -> Optional[Dict[str, Any]]:
@@ -212,7 +220,7 @@ class LocalPool:
 
     def __init__(self, workers: int):
         ctx = mp.get_context("spawn")  # fork would copy a tokenizer's thread pool into a broken child
-        self.pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_local_worker_init)
         self.slots = workers
 
     def submit(self, job: Job) -> cf.Future:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from pipeline.lifetime import rank_dies_with_launch
 from pipeline.train.checkpoints import COMPLETE
 LOG = "train_log.jsonl"  # one JSON line per logged step, rank 0, appended across resumes
 
@@ -129,7 +130,6 @@ def training_arguments(job: Dict[str, Any], precision: str, cuda: bool, report_t
 
 
 def main(job_path: str) -> None:
-    from pipeline.lifetime import rank_dies_with_launch
     rank_dies_with_launch()  # ends with its launcher and with the driver (pipeline/lifetime.py)
 
     import torch

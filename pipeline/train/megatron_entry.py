@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from pipeline.lifetime import rank_dies_with_launch
 from pipeline.train.checkpoints import TRACKER
 LOG = "train_log.jsonl"  # one JSON line per logged step, rank 0, appended across resumes
 
@@ -440,7 +441,6 @@ class StepLog:
 # ----------------------------------------------------------------------------- main
 
 def main(job_path: str) -> None:
-    from pipeline.lifetime import rank_dies_with_launch
     rank_dies_with_launch()  # ends with its launcher and with the driver (pipeline/lifetime.py)
     job = json.loads(Path(job_path).read_text())
     t, par, out = job["train"], job["train"]["parallel"], Path(job["work_dir"])
