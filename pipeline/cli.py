@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from pipeline.config import ConfigError
-from pipeline.data.sources import DataError
-from pipeline.runner import STORAGE_ERRORS, Runner, StageError, storage_errors, storage_problem
+from pipeline import integrity
+from pipeline.errors import ConfigError, ConversionError, PipelineError
+from pipeline.files import STORAGE_ERRORS, storage_errors, storage_problem
+from pipeline.runner import Runner
 
 log = logging.getLogger("pipeline")
 
@@ -40,7 +41,8 @@ def config_from(run_dir: Path, overrides: List[str]):
     from omegaconf import OmegaConf
 
     from pipeline.config import load_saved, validate
-    from pipeline.runner import git_state, read_json
+    from pipeline.files import read_json
+    from pipeline.runner import git_state
 
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -60,6 +62,7 @@ def config_from(run_dir: Path, overrides: List[str]):
 
 def cmd_run(args) -> int:
     from pipeline import launch, plan
+    from pipeline.train.stage import join_training
 
     runner = _runner(args)
     only, restart = _stages(args.only), _stages(args.restart)
@@ -78,7 +81,7 @@ def cmd_run(args) -> int:
         runner.check(items, restart)  # the checks a run makes before its first stage
         return 0
     if launch.is_joining_node(runner.cfg.launcher):
-        return launch.join_training(runner, runner.cfg.launcher)
+        return join_training(runner, runner.cfg.launcher)
     with storage_errors(runner.run_dir):  # what no stage wrote: the lock, config.yaml, environment.json
         runner.run(only, force, restart, args.break_lock)
     log.info("run dir: %s", runner.run_dir)
@@ -87,8 +90,6 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     if args.verify:  # every published stage against its manifest: sizes, and all the sha256s it recorded
-        from pipeline.integrity import verify_run
-
         return verify_run(_runner(args))
     rows = _runner(args).status()
     if args.json:
@@ -131,7 +132,7 @@ def cmd_preprocess(args) -> int:
 
 def cmd_verify_data(args) -> int:
     """Any .bin/.idx pair: its structure, and every token id (< --vocab-size if given). A bad one is a DataError."""
-    from pipeline.data.indexed import IndexedReader, check_token_ids
+    from pipeline.formats.indexed import IndexedReader, check_token_ids
 
     prefix = args.prefix[:-4] if args.prefix.endswith((".bin", ".idx")) else args.prefix
     reader = IndexedReader(prefix)
@@ -142,6 +143,30 @@ def cmd_verify_data(args) -> int:
     return 0
 
 
+def verify_run(runner: Runner) -> int:
+    """`pipeline status --verify`: every published stage against its manifest, all recorded hashes compared.
+    Prints a line per stage and per changed artifact; 2 if any changed, else 0."""
+    changed = 0
+    for name in runner.order:
+        manifest = runner.manifest(name)
+        if manifest is None:
+            print(f"{name:<10} not published")
+            continue
+        result = integrity.verify_outputs(runner.stage_dir(name), runner.pinned_outputs(name, manifest))
+        if result.changed:
+            print(f"{name:<10} CHANGED  {len(result.changed)} of {result.files} files")
+            for path, what in result.changed:
+                print(f"    {path} {what}: rebuild it with `pipeline run --force {name}`")
+        else:
+            print(f"{name:<10} ok       {result.files} files at their recorded size, {result.hashed} of them also "
+                  f"by sha256 ({result.hashed_bytes / 1e6:.1f} MB)")
+        changed += len(result.changed)
+    if changed:
+        print(f"error: {changed} artifact(s) changed since their stage wrote them", file=sys.stderr)
+        return 2
+    return 0
+
+
 def key_values(pairs: List[str], allowed: dict) -> dict:
     """`key=value` arguments (as the design's `pipeline convert src=... to=hf`), typed by `allowed`."""
     out = {}
@@ -149,7 +174,10 @@ def key_values(pairs: List[str], allowed: dict) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or key not in allowed:
             raise ConfigError(f"'{pair}': expected one of {', '.join(f'{k}=...' for k in allowed)}")
-        out[key] = allowed[key](value)
+        try:
+            out[key] = allowed[key](value)
+        except ValueError as e:  # int('x'), float('2X'): the pair that did not parse, not a traceback
+            raise ConfigError(f"{key}: cannot read '{value}' ({e})") from None
     return out
 
 
@@ -172,7 +200,6 @@ CONVERT_ARGS = {"src": Path, "dst": Path, "to": str, "tp": int, "pp": int, "form
 
 def cmd_convert(args) -> int:
     from pipeline.convert.convert import DTYPES, hf_to_megatron, megatron_to_hf, megatron_to_megatron
-    from pipeline.convert.mapping import ConversionError
 
     kv = key_values(args.pairs, CONVERT_ARGS)
     for key in ("src", "dst", "to"):
@@ -191,17 +218,14 @@ def cmd_convert(args) -> int:
     layout = {"tp": kv.get("tp", 1), "pp": kv.get("pp", 1), "fmt": kv.get("format", "torch_dist"),
               "dtype": kv.get("dtype"), "overwrite": overwrite}
     from_hf = (kv["src"] / "config.json").is_file()
-    try:
-        if kv["to"] == "hf":
-            result = megatron_to_hf(kv["src"], kv["dst"], kv.get("dtype"), kv.get("tokenizer"),
-                                    kv.get("max_shard_size", 5 << 30), overwrite)
-        elif from_hf:
-            result = hf_to_megatron(kv["src"], kv["dst"], make_vocab_size_divisible_by=kv.get(
-                "make_vocab_size_divisible_by", 128), **layout)
-        else:  # Megatron -> Megatron at another TP/PP or format
-            result = megatron_to_megatron(kv["src"], kv["dst"], **layout)
-    except ConversionError as e:
-        raise StageError(str(e)) from None
+    if kv["to"] == "hf":
+        result = megatron_to_hf(kv["src"], kv["dst"], kv.get("dtype"), kv.get("tokenizer"),
+                                kv.get("max_shard_size", 5 << 30), overwrite)
+    elif from_hf:
+        result = hf_to_megatron(kv["src"], kv["dst"], make_vocab_size_divisible_by=kv.get(
+            "make_vocab_size_divisible_by", 128), **layout)
+    else:  # Megatron -> Megatron at another TP/PP or format
+        result = megatron_to_megatron(kv["src"], kv["dst"], **layout)
     log.info("converted %s -> %s: %s", kv["src"], kv["dst"], result)
     return 0
 
@@ -218,7 +242,7 @@ def cmd_verify(args) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(kv.get("tp", 1)),
            "-m", "pipeline.convert.verify", str(kv["a"]), str(kv["b"]), str(out)]
     if subprocess.run(cmd).returncode != 0:
-        raise StageError("verify failed; see the output above")
+        raise ConversionError("verify failed; see the output above")
     report = json.loads(out.read_text())  # verify has printed it
     return 0 if report["max_abs_diff"] <= kv.get("tolerance", 1e-4) else 1
 
@@ -228,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_overrides(p):
-        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=tiny_cpu data.tokenize.workers=4")
+        p.add_argument("overrides", nargs="*",
+                       help="Hydra overrides, e.g. experiment=tiny_cpu data.tokenize.workers=4")
         p.add_argument("--config-dir", help="config tree to compose from (default: the project's configs/)")
 
     run = sub.add_parser("run", help="run the stages that are not done")
@@ -288,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, StageError, ValueError) as e:
+    except PipelineError as e:  # config, data, stage and conversion errors: a message, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a quota, a read-only or forbidden path: named, exit 2

@@ -13,15 +13,13 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to do."""
 
 
 # What vs how. A field marked `how` changes how a stage runs (processes, ports, trackers, logging,
@@ -85,7 +83,8 @@ class SourceConfig:
 
 @dataclass
 class TokenizeConfig:
-    workers: int = how(2)  # worker processes (executor=ray, ray_address=local: Ray CPUs); output bytes do not depend on it
+    # worker processes (executor=ray, ray_address=local: Ray CPUs); output bytes do not depend on it
+    workers: int = how(2)
     executor: str = how("local")  # local (worker processes here) | ray (Ray tasks, one per shard); same output bytes
     ray_address: str = how("local")  # executor=ray: local (an embedded Ray on this machine), auto, host:port, ray://...
     engine: Engine = Engine.auto  # auto = fastest engine verified to give HF's ids on this input
@@ -96,7 +95,7 @@ class TokenizeConfig:
     append_eod: bool = True  # EOD after every document (Megatron's --append-eod)
     add_special_tokens: bool = True  # as HF `tokenizer(text)` and Megatron's preprocess_data.py do
     split_chars: int = 1_000_000  # documents longer than this are encoded in pieces cut at line starts
-    verify_docs: int = how(256)  # documents per source (and at most 512 KiB of each) to verify a fast engine against HF
+    verify_docs: int = how(256)  # documents per source (at most 512 KiB of each) to verify a fast engine against HF
 
 
 @dataclass

@@ -13,12 +13,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 def resolve(dst: Path) -> Path:
@@ -66,29 +64,3 @@ def _shown(given: Path, resolved: Path) -> str:
 
 def is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
-
-
-def remove(path: Path) -> None:
-    """Delete a file, a symlink (the link, never its target) or a directory tree (whose symlinks
-    shutil.rmtree unlinks without following)."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-    else:
-        shutil.rmtree(path)
-
-
-def replace(new: Path, dst: Path) -> None:
-    """Put `new` at `dst`. Whatever was at `dst` is moved aside first and deleted only once `new` is in
-    place; if the move fails, it is put back."""
-    if not os.path.lexists(dst):
-        os.replace(new, dst)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.replaced-", dir=dst.parent))
-    os.replace(dst, aside / dst.name)
-    try:
-        os.replace(new, dst)
-    except BaseException:
-        os.replace(aside / dst.name, dst)
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside)

@@ -16,7 +16,6 @@ the output pipe open (run_logged).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -25,14 +24,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Dict, List, Mapping
 
 import psutil
 
 from pipeline import lifetime
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("pipeline")
 NODE_RANK_VARS = ("NODE_RANK", "SLURM_NODEID", "GROUP_RANK")  # this node's rank, first one set wins
@@ -283,42 +281,6 @@ def failure_report(logs: List[Path]) -> str:
     head = "\n".join(lines) or "no torchrun failure summary in the logs; see their last lines"
     tail = _log_text(logs[0]).splitlines()[-25:]
     return f"{head}\nLast lines of {logs[0]}:\n" + "\n".join(tail)
-
-
-# ----------------------------------------------------------------------------- nodes other than 0
-
-def join_training(runner, launcher, poll_seconds: float = 1.0) -> int:
-    """Node N > 0 of a multi-node torchrun launch. The driver on node 0 runs every stage; this node waits
-    for the train stage's job (same fingerprint, on the shared run dir), starts its torchrun agent for
-    it, and returns the agent's exit status. The c10d rendezvous is where the nodes meet."""
-    from pipeline.train.stage import ENTRIES
-
-    plan = {item.stage.name: item for item in runner.plan()}
-    fingerprint = plan["train"].fingerprint
-    partial = runner.run_dir / "train.partial"
-    rank = node_rank(launcher)
-    deadline = time.monotonic() + launcher.join_timeout
-    log.info("node %d: waiting for node 0 to start training in %s", rank, partial)
-    while True:
-        done = runner.manifest("train")
-        if done and done.get("fingerprint") == fingerprint:
-            log.info("node %d: training is already complete", rank)
-            return 0
-        marker, job_path = partial / ".fingerprint", partial / "job.json"
-        if marker.is_file() and marker.read_text() == fingerprint and job_path.is_file():
-            break
-        if time.monotonic() > deadline:
-            raise ConfigError(f"launcher.join_timeout: node 0 did not start training in {launcher.join_timeout} s "
-                              f"(no {job_path} for this config); is it running with the same config and run_dir?")
-        time.sleep(poll_seconds)
-    backend = json.loads(job_path.read_text())["train"]["backend"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": ""}
-    cmd = command(launcher, ENTRIES[backend], job_path, 0, partial / "launcher_logs" / f"node{rank}", env)
-    rc = run_logged(cmd, partial / f"train_node{rank}.log", env)
-    if rc != 0:
-        log.error("node %d: training failed (exit %d):\n%s", rank, rc,
-                  failure_report([partial / f"train_node{rank}.log"]))
-    return rc
 
 
 def node_logs(work_dir: Path, nnodes: int) -> List[Path]:

@@ -88,7 +88,8 @@ def training_plan(cfg: DictConfig) -> Tuple[List[str], List[str]]:
         lines.append(f"steps      {t.max_steps} (train.max_steps)")
     elif tokens:
         steps = int(t.epochs * tokens // t.global_batch_tokens)
-        lines.append(f"steps      {steps:,} = {t.epochs} epoch(s) x {tokens:,} train tokens ({source}) / tokens per step")
+        lines.append(f"steps      {steps:,} = {t.epochs} epoch(s) x {tokens:,} "
+                     f"train tokens ({source}) / tokens per step")
     else:
         lines.append("steps      known once the mix stage has run (epochs x its train tokens / tokens per step)")
     params, vocab = parameter_count(cfg)
@@ -103,6 +104,7 @@ def training_plan(cfg: DictConfig) -> Tuple[List[str], List[str]]:
                  "raise train.zero_stage, set train.offload=true, or lower train.micro_batch_size")
         warnings.append(f"the estimate ({total / GIB:.1f} GiB) exceeds 90% of launcher.gpu_memory_gb "
                         f"({launcher.gpu_memory_gb} GiB): {fixes}")
-    if t.init and not Path(t.init).exists() and not (t.backend == "hf" and "/" in t.init and not t.init.startswith("/")):
+    if (t.init and not Path(t.init).exists()
+            and not (t.backend == "hf" and "/" in t.init and not t.init.startswith("/"))):
         warnings.append(f"train.init: {t.init} does not exist on this machine")
     return lines, warnings

@@ -19,8 +19,6 @@ An earlier output stays in place, untouched, until its replacement is complete.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import fnmatch
 import hashlib
 import json
@@ -28,19 +26,29 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import psutil
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import integrity
 from pipeline.config import run_dir_of, strip_how, subtree
+from pipeline.errors import StageError
+from pipeline.files import (
+    canonical_json,
+    dir_bytes,
+    read_json,
+    replace_dir,
+    sha256_file,
+    storage_errors,
+    write_json_atomic,
+)
+from pipeline.lock import RunLock, lock_state
 
 log = logging.getLogger("pipeline")
 
@@ -51,10 +59,6 @@ SCRATCH = "_scratch"  # inside a work dir: resumable state the stage keeps, drop
 HASH_LIMIT = 64 * 1024 * 1024  # files above this are identified by size+mtime (inputs) or size (outputs)
 HASH_TOTAL_LIMIT = 1 << 30  # a stage whose inputs add up to more is identified by size+mtime throughout,
 # so a skip check on a 100 GB corpus does not read 100 GB
-
-
-class StageError(RuntimeError):
-    """A stage cannot run or failed; the message says which and what to do."""
 
 
 @dataclass(frozen=True)
@@ -94,18 +98,6 @@ class StageContext:
 
 # ----------------------------------------------------------------------------- hashing helpers
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def input_identity(path: Path, hash_content: bool = True) -> Dict[str, Any]:
     """Content hash of an input file, or size+mtime when hashing it on every plan would be too slow."""
     st = path.stat()
@@ -118,22 +110,6 @@ def input_identities(paths: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     """Identities of a set of inputs: content hashes while they total <= 1 GiB, size+mtime beyond."""
     hash_content = sum(os.path.getsize(p) for p in paths) <= HASH_TOTAL_LIMIT
     return {p: input_identity(Path(p), hash_content) for p in paths}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def flatten(obj: Any, prefix: str = "") -> Dict[str, Any]:
@@ -159,7 +135,6 @@ def package_versions() -> Dict[str, str]:
 def git_state() -> Optional[Dict[str, Any]]:
     """The commit of the code that runs, and whether the checkout has uncommitted changes; None when
     the package is not a git checkout."""
-    import subprocess
 
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
@@ -178,206 +153,6 @@ def environment(cfg: DictConfig) -> Dict[str, Any]:
     return {"packages": package_versions(), "git": git_state(), "host": socket.gethostname(), "argv": sys.argv,
             "seeds": {key: OmegaConf.select(cfg, key) for key in ("data.mix.seed", "train.seed")},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-# ----------------------------------------------------------------------------- storage errors
-
-# errno -> (cause, what to do); anywhere in a stage or command these exit 2 with the path
-STORAGE_ERRORS = {errno.ENOSPC: ("no space left on device", "free space and rerun"),
-                  errno.EDQUOT: ("disk quota exceeded", "free space (or raise the quota) and rerun"),
-                  errno.EROFS: ("read-only file system", "make it writable (or choose another run_dir) and rerun"),
-                  errno.EACCES: ("permission denied", "fix its permissions and rerun")}
-FULL_BELOW = 16 << 20  # bytes free: a filesystem this full is full
-
-
-class StorageError(StageError):
-    """A write failed for the storage (full, over quota, read-only, no permission); the message names the path."""
-
-
-def storage_problem(error: BaseException, where: Path) -> Optional[str]:
-    """'no space left on device: <path>; free space and rerun: finished work is kept' (or the like for the
-    other STORAGE_ERRORS) when `error` is one; `where` stands in for the path when the error names none."""
-    chain = [error]
-    while len(chain) < 16 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    found = next((e for e in chain if isinstance(e, OSError) and e.errno in STORAGE_ERRORS), None)
-    text = str(error)  # errors that lost their errno: a rank's, quoted in a failure report, and torch's zip
-    # writer's ("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", or "... file write
-    # failed"), which says nothing of the cause: the free space says it
-    torch_write = "inline_container.cc" in text or "file write failed" in text
-    if found is not None:
-        code, where = found.errno, Path(str(found.filename)) if found.filename else where
-    elif "No space left on device" in text or (torch_write and _free_bytes(where) < FULL_BELOW):
-        code = errno.ENOSPC
-    elif "Disk quota exceeded" in text:
-        code = errno.EDQUOT
-    else:
-        return None
-    cause, fix = STORAGE_ERRORS[code]
-    return f"{cause}: {where}; {fix}: finished work is kept"
-
-
-@contextlib.contextmanager
-def storage_errors(where: Path) -> Iterator[None]:
-    """Turn a storage failure inside the block into a StorageError (exit 2) naming the path, or `where`."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except (OSError, RuntimeError) as e:  # StageError is a RuntimeError: a rank's quoted error counts too
-        problem = storage_problem(e, where)
-        if problem is None:
-            raise
-        raise StorageError(problem + (f"\n{e}" if isinstance(e, StageError) else "")) from e
-
-
-def _free_bytes(where: Path) -> float:
-    try:
-        return shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free
-    except (OSError, StopIteration):
-        return float("inf")
-
-
-# ----------------------------------------------------------------------------- the lock
-
-LOCK_HEARTBEAT = 60  # seconds: the holder refreshes the lock's mtime this often
-LOCK_STALE = 600  # seconds: a lock from another host left unrefreshed this long is taken over
-LOCK_EMPTY_STALE = 5  # seconds: an empty or unreadable lock older than this is taken over
-
-
-class RunLock:
-    """One writer per run dir: `.lock` holds {pid, host, since, stage}.
-
-    The content goes to a temp file first, which os.link then publishes as `.lock` (failing if one exists):
-    a lock is never seen half written, and a full disk leaves none. A lock is taken over when it is empty
-    or unreadable and older than LOCK_EMPTY_STALE, when its pid is dead on this host, or when it is from
-    another host and has not been refreshed for LOCK_STALE (the holder refreshes it every LOCK_HEARTBEAT
-    from a thread); `--break-lock` takes over any lock but a live process's on this host."""
-
-    def __init__(self, run_dir: Path, break_lock: bool = False):
-        self.path = run_dir / ".lock"
-        self.break_lock = break_lock
-        self.me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "stage": None}
-        self._done = threading.Event()
-
-    def __enter__(self) -> "RunLock":
-        with storage_errors(self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            for _ in range(3):
-                tmp = self._write_temp()
-                try:
-                    os.link(tmp, self.path)
-                    break
-                except FileExistsError:
-                    self._take_over_or_refuse()
-                finally:
-                    tmp.unlink()
-            else:
-                raise StageError(f"could not take the lock {self.path}: other runs keep taking it; retry")
-        threading.Thread(target=self._heartbeat, name="run-lock", daemon=True).start()
-        return self
-
-    def _write_temp(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=".lock.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            os.unlink(name)
-            raise
-        return Path(name)
-
-    def _take_over_or_refuse(self) -> None:
-        try:
-            inode = self.path.stat().st_ino
-        except FileNotFoundError:
-            return  # released meanwhile
-        holder, age, stale = lock_state(self.path)
-        here = holder and holder.get("host") == socket.gethostname()
-        where = self.path.parent
-        if stale is None and self.break_lock and not here:
-            stale = "--break-lock"
-        if stale is None:
-            if not holder:
-                raise StageError(f"{self.path} is empty and {age:.0f} s old: another run is starting in {where}; "
-                                 f"retry in a few seconds (an empty lock older than {LOCK_EMPTY_STALE} s is taken "
-                                 f"over)")
-            if here:
-                raise StageError(f"{where} is in use by pid {holder['pid']} on this host ({holder['host']}) since "
-                                 f"{time.strftime('%H:%M:%S', time.localtime(holder.get('since', 0)))}; wait for it "
-                                 f"to finish, or stop it" + (" (--break-lock does not take a lock from a running "
-                                                            "process of this host)" if self.break_lock else ""))
-            raise StageError(f"{where} is in use by pid {holder.get('pid')} on {holder.get('host')} (lock refreshed "
-                             f"{age:.0f} s ago). If that run is gone (a job preempted there, say), the lock is taken "
-                             f"over once it has gone {LOCK_STALE // 60} min without a refresh; or take it now with "
-                             f"`pipeline run --break-lock`")
-        log.warning("taking over the lock %s of pid %s on %s: %s", self.path, holder.get("pid"), holder.get("host"),
-                    stale)
-        aside = self.path.with_name(f".lock.stale-{os.getpid()}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        if aside.stat().st_ino != inode:  # a run that started meanwhile took it: put its lock back
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, self.path)
-        aside.unlink()
-
-    def working_on(self, stage: str) -> None:
-        """Note the stage being run in the lock (for `pipeline status`); a failure to is not fatal."""
-        self.me["stage"] = stage
-        try:
-            tmp = self._write_temp()
-        except OSError as e:
-            log.warning("could not note stage %s in %s (%s)", stage, self.path, e)
-            return
-        os.replace(tmp, self.path)
-
-    def _heartbeat(self) -> None:
-        while not self._done.wait(LOCK_HEARTBEAT):
-            try:
-                os.utime(self.path)
-            except OSError as e:
-                log.warning("could not refresh the lock %s (%s); another host may take it over after %d min",
-                            self.path, e, LOCK_STALE // 60)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._done.set()
-        holder, _, _ = lock_state(self.path)
-        if holder and all(holder.get(k) == self.me[k] for k in ("pid", "host", "since")):  # still ours
-            self.path.unlink(missing_ok=True)
-
-
-def lock_state(path: Path) -> Tuple[Optional[Dict[str, Any]], float, Optional[str]]:
-    """(holder, age in seconds, why the lock is stale, or None while it is held). The holder is None when
-    there is no lock, {} when it is empty or unreadable."""
-    try:
-        age = time.time() - path.stat().st_mtime
-        holder = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, 0.0, None
-    except (OSError, ValueError):
-        holder = None
-    if not isinstance(holder, dict) or "pid" not in holder:
-        return {}, age, f"it is empty or unreadable and {age:.0f} s old" if age > LOCK_EMPTY_STALE else None
-    if holder.get("host") == socket.gethostname():
-        return holder, age, None if _holder_alive(holder) else f"pid {holder['pid']} is not running on this host"
-    if age > LOCK_STALE:
-        return holder, age, f"{holder.get('host')} has not refreshed it for {age / 60:.0f} min"
-    return holder, age, None
-
-
-def _holder_alive(holder: Dict[str, Any]) -> bool:
-    try:
-        proc = psutil.Process(int(holder["pid"]))
-        # a process started after the lock was taken is not its holder: the pid was reused
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= float(holder.get("since", "inf")) + 1
-    except (psutil.NoSuchProcess, ValueError, TypeError):
-        return False
-    except psutil.AccessDenied:
-        return True
 
 
 # ----------------------------------------------------------------------------- planning
@@ -425,15 +200,34 @@ class Runner:
     def manifest(self, name: str) -> Optional[Dict[str, Any]]:
         return read_json(self.stage_dir(name) / MANIFEST)
 
+    def pinned_outputs(self, name: str, manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+        """The outputs a manifest records that the stage still pins (older manifests may list unpinned ones)."""
+        return {rel: ident for rel, ident in manifest.get("outputs", {}).items()
+                if not _unpinned(self.stages[name], rel)}
+
     def missing_outputs(self, name: str, manifest: Dict[str, Any]) -> List[str]:
-        missing = []
-        for rel, ident in manifest.get("outputs", {}).items():
-            if _unpinned(self.stages[name], rel):  # a manifest from before the stage unpinned it
+        return [rel for rel, ident in self.pinned_outputs(name, manifest).items()
+                if not (self.stage_dir(name) / rel).is_file()
+                or (self.stage_dir(name) / rel).stat().st_size != ident["size"]]
+
+    def verify_upstream(self, item: PlanItem) -> None:
+        """Before `item` runs: the outputs of the stages it reads are what they wrote (sizes, and sha256 within
+        integrity.HASH_SECONDS), or a StageError naming the file and the stage that rebuilds it."""
+        deadline = time.monotonic() + integrity.HASH_SECONDS
+        for up in item.stage.needs:
+            started = time.monotonic()
+            result = integrity.verify_outputs(self.stage_dir(up), self.pinned_outputs(up, self.manifest(up) or {}),
+                                              deadline)
+            if result.changed:
+                raise StageError(f"stage {item.stage.name} reads {up}: "
+                                 + integrity.changed_message(result.changed, up))
+            if not result.files:
                 continue
-            path = self.stage_dir(name) / rel
-            if not path.is_file() or path.stat().st_size != ident["size"]:
-                missing.append(rel)
-        return missing
+            budget = (f"; {result.unhashed} left at their size: the {integrity.HASH_SECONDS:g} s hashing budget was "
+                      f"spent (`pipeline status --verify` hashes all)" if result.unhashed else "")
+            log.info("[%s] upstream %s unchanged: %d files at their recorded size, sha256 of %d (%.1f MB) in %.1fs%s",
+                     item.stage.name, up, result.files, result.hashed, result.hashed_bytes / 1e6,
+                     time.monotonic() - started, budget)
 
     def plan(self, only: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> List[PlanItem]:
         for name in list(only or []) + list(force):
@@ -562,9 +356,7 @@ class Runner:
                 log.info("[%s] run: %s", name, "; ".join(item.reasons))
                 for note in item.notes:
                     log.info("[%s] %s", name, note)
-                from pipeline.integrity import verify_upstream  # it imports this module
-
-                verify_upstream(self, item)  # what it reads is what its upstream stages wrote: sizes, sha256
+                self.verify_upstream(item)  # what it reads is what its upstream stages wrote: sizes, sha256
                 self._execute(item, lock)
             return plan
 
@@ -633,7 +425,7 @@ class Runner:
             "versions": package_versions(),
         }
         write_json_atomic(partial / MANIFEST, manifest)
-        _publish(partial, final)
+        replace_dir(partial, final)
         log.info("[%s] done in %.1fs", name, manifest["seconds"])
 
     # ------------------------------------------------------------------------- status
@@ -669,8 +461,9 @@ class Runner:
             })
         for aside in self.leftovers():
             rows.append({"stage": aside.name.split(ASIDE)[0], "status": "aside", "fingerprint": "",
-                         "manifest_fingerprint": None, "reasons": ["moved aside by --restart; `pipeline clean` removes it"],
-                         "dir": str(aside), "outputs": {}, "bytes": _dir_bytes(aside), "seconds": None,
+                         "manifest_fingerprint": None,
+                         "reasons": ["moved aside by --restart; `pipeline clean` removes it"],
+                         "dir": str(aside), "outputs": {}, "bytes": dir_bytes(aside), "seconds": None,
                          "finished": aside.stat().st_mtime, "holder": None})
         return rows
 
@@ -688,10 +481,6 @@ def _read_text(path: Path) -> Optional[str]:
         return path.read_text()
     except FileNotFoundError:
         return None
-
-
-def _dir_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _unpinned(stage: Stage, rel: str) -> bool:
@@ -717,16 +506,6 @@ def _describe_outputs(directory: Path) -> Dict[str, Dict[str, Any]]:
         size = path.stat().st_size
         outputs[rel] = {"size": size, "sha256": sha256_file(path)} if size <= HASH_LIMIT else {"size": size}
     return outputs
-
-
-def _publish(partial: Path, final: Path) -> None:
-    """Swap the completed work dir into place; the old output is removed only after the swap."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def explain_how(before: Dict[str, Any], after: Dict[str, Any]) -> List[str]:

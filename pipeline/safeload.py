@@ -29,8 +29,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader, filesystem, metadata, planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
-from pipeline.convert.mapping import ConversionError
-from pipeline.runner import sha256_file
+from pipeline.errors import ConversionError
+from pipeline.files import sha256_file
 
 # Everything a DCP .metadata holds, found by unpickling those torch.distributed.checkpoint and megatron-core
 # write: its dataclasses, torch.Size, dtypes (pickled as `torch.float32`, ...), layouts (by name, through

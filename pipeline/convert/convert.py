@@ -20,18 +20,20 @@ import os
 import shutil
 import struct
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from pipeline import destination
-from pipeline.config import layout_problem
-from pipeline.convert.families import FAMILIES, by_architecture
-from pipeline.convert.mapping import ConversionError, Family, Geometry, Mapping, hf_names
-from pipeline.train.hf_entry import CONFIG_FIELDS, model_config
+from pipeline.config import ModelConfig, layout_problem
 from pipeline.convert import megatron_io
-from pipeline.train.megatron_entry import ffn_size, padded_vocab_size
+from pipeline.errors import ConversionError
+from pipeline.files import replace_dir, storage_cause
+from pipeline.models import FAMILIES, by_architecture
+from pipeline.models.hf_config import CONFIG_FIELDS, ffn_size, model_config, padded_vocab_size
+from pipeline.models.mapping import Family, Geometry, Mapping, hf_names
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json")
@@ -47,7 +49,6 @@ def geometry(model: Dict[str, Any], vocab: int, padded: int) -> Geometry:
 
 
 PARTIAL_MARK = ".pipeline-convert-partial"  # in <dst>.partial while it is written: a leftover is ours to remove
-FULL_BELOW = 16 << 20  # bytes still free on the destination's filesystem after a failed write: a full disk
 
 
 @contextlib.contextmanager
@@ -68,29 +69,16 @@ def publishing(dst: Path, sources: List[Optional[Path]], overwrite: bool) -> Ite
         (partial / PARTIAL_MARK).touch()
         yield partial
         (partial / PARTIAL_MARK).unlink()
-        destination.replace(partial, dst)
+        replace_dir(partial, dst)
     except BaseException as e:
-        full = out_of_space(e, partial if made else partial.parent)
+        cause = storage_cause(e, partial if made else partial.parent)
+        full = cause is not None and cause[0] == errno.ENOSPC
         if made:
             shutil.rmtree(partial, ignore_errors=True)
         if full:
             raise ConversionError(f"{dst}: no space left on device; the partial output {partial.name} was removed "
                                   f"and {dst} is as it was. Free some space or choose another dst") from e
         raise
-
-
-def out_of_space(error: BaseException, where: Path) -> bool:
-    """Did a write fail for a full filesystem? ENOSPC says so; torch's zip writer drops the errno
-    (`RuntimeError: [enforce fail at inline_container.cc] ... file write failed`), so for another
-    OSError or RuntimeError the free space left on `where`'s filesystem decides."""
-    failures = getattr(error, "failures", None)  # DCP wraps each rank's error in a CheckpointException
-    errors = [exc for exc, _ in failures.values()] if isinstance(failures, dict) else [error]
-    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in errors):
-        return True
-    if not any(isinstance(e, (OSError, RuntimeError)) for e in errors):
-        return False
-    existing = next(p for p in (where, *where.parents) if p.exists())
-    return shutil.disk_usage(existing).free < FULL_BELOW
 
 
 def copy_tokenizer_files(src: Optional[Path], dst: Path) -> list:
@@ -105,13 +93,9 @@ def copy_tokenizer_files(src: Optional[Path], dst: Path) -> list:
 # ----------------------------------------------------------------------------- HF side
 
 def hf_model_dict(config: Dict[str, Any], family: Family) -> Dict[str, Any]:
-    """Our complete model.* settings from an HF config.json (the inverse of hf_entry.CONFIG_FIELDS);
+    """Our complete model.* settings from an HF config.json (the inverse of hf_config.CONFIG_FIELDS);
     fields the family has no HF field for keep the schema's defaults."""
-    from dataclasses import asdict
-
-    from pipeline.config import ModelConfig
-
-    model = {k: v for k, v in asdict(ModelConfig(hidden_size=0, num_layers=0, num_attention_heads=0)).items()}
+    model = asdict(ModelConfig(hidden_size=0, num_layers=0, num_attention_heads=0))
     for ours, hf in CONFIG_FIELDS[family.name].items():
         if config.get(hf) is not None:
             model[ours] = config[hf]
@@ -139,7 +123,7 @@ class HFReader:
             files = json.loads(index.read_text())["weight_map"]
         elif (path / "model.safetensors").is_file():
             with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-                files = {k: "model.safetensors" for k in f.keys()}
+                files = dict.fromkeys(f.keys(), "model.safetensors")
         else:
             raise ConversionError(f"{path}: no model.safetensors(.index.json); only safetensors checkpoints are read "
                                   f"(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))")
@@ -176,7 +160,7 @@ class SafetensorsWriter:
 
     def __init__(self, dst: Path, names: List[str], max_shard_bytes: int):
         widest = {"dtype": "BF16", "shape": [1 << 40] * 4, "data_offsets": [1 << 50, 1 << 50]}
-        reserve = len(json.dumps({"__metadata__": {"format": "pt"}, **{n: widest for n in names}}))
+        reserve = len(json.dumps({"__metadata__": {"format": "pt"}, **dict.fromkeys(names, widest)}))
         self.reserve = -(-reserve // 8) * 8
         self.dst, self.max_shard_bytes = dst, max_shard_bytes
         self.shards: List[Dict[str, Any]] = []

@@ -30,14 +30,19 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader, FileSystemWriter, save
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
-                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from pipeline.convert.mapping import ConversionError, GatedMLP, Mapping
+from pipeline.errors import ConversionError
+from pipeline.formats.checkpoints import TRACKER, iteration_dir, latest_iteration
+from pipeline.models.mapping import GatedMLP, Mapping
 from pipeline.safeload import COMMON_FILE, load_dcp_metadata, safe_torch_load
-from pipeline.train.megatron_entry import TRACKER, iteration_dir, latest_iteration
 
 LEGACY_FILE = "model_optim_rng.pt"
 # TP split kind by megatron name suffix; anything else (norms, row-parallel biases, positions) is replicated

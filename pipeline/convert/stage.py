@@ -20,7 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-from pipeline.runner import StageContext, StageError
+from pipeline.config import layout_problem
+from pipeline.errors import ConfigError, StageError
+from pipeline.models.hf_config import CONFIG_FIELDS
+from pipeline.runner import StageContext
+from pipeline.train.stage import is_hf_checkpoint
 
 
 def pipeline_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -36,10 +40,11 @@ def convert(*pairs: str) -> None:
 
 def verify(hf_dir: Path, megatron_dir: Path, tolerance: float, report_path: Path) -> Dict[str, Any]:
     """Logits of both sides on a fixed prompt (megatron-core at TP=1 here); an error above tolerance."""
-    proc = pipeline_cli("verify", f"a={hf_dir}", f"b={megatron_dir}", f"tolerance={tolerance}", f"report={report_path}",
-                        check=False)  # exit 1 = over tolerance: the report says by how much
+    proc = pipeline_cli("verify", f"a={hf_dir}", f"b={megatron_dir}", f"tolerance={tolerance}",
+                        f"report={report_path}", check=False)  # exit 1 = over tolerance: the report says by how much
     if not report_path.is_file():
-        raise StageError(f"verify {hf_dir} against {megatron_dir} failed:\n" + "\n".join(proc.stderr.splitlines()[-15:]))
+        raise StageError(f"verify {hf_dir} against {megatron_dir} failed:\n"
+                         + "\n".join(proc.stderr.splitlines()[-15:]))
     report = json.loads(report_path.read_text())
     if proc.returncode != 0:
         raise StageError(f"{megatron_dir} does not reproduce {hf_dir}: max |logit difference| "
@@ -48,8 +53,6 @@ def verify(hf_dir: Path, megatron_dir: Path, tolerance: float, report_path: Path
 
 
 def import_needed(cfg) -> bool:
-    from pipeline.train.stage import is_hf_checkpoint
-
     return cfg.train.backend == "megatron" and bool(cfg.train.init) and is_hf_checkpoint(cfg.train.init)
 
 
@@ -78,8 +81,6 @@ def trained_model(train: Path, backend: str) -> Dict[str, Any]:
         from pipeline.convert.megatron_io import read_args
 
         return read_args(train / "checkpoints")[1]["model"]
-    from pipeline.train.hf_entry import CONFIG_FIELDS
-
     config = json.loads((train / "hf" / "config.json").read_text())
     fields = CONFIG_FIELDS.get(config.get("model_type"), CONFIG_FIELDS["llama"])  # Mistral & co: Llama's names
     return {ours: config.get(hf) for ours, hf in fields.items()}
@@ -88,8 +89,6 @@ def trained_model(train: Path, backend: str) -> Dict[str, Any]:
 def check_export_layout(train: Path, backend: str, tp: int) -> None:
     """export.tp divides the model (pipeline convert's and training's rule), checked before the export
     converts anything rather than when its last conversion refuses it."""
-    from pipeline.config import ConfigError, layout_problem
-
     m = trained_model(train, backend)
     heads = m["num_attention_heads"]
     problem = layout_problem(tp, 1, heads, m.get("num_key_value_heads") or heads,

@@ -19,6 +19,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.convert.megatron_io import legacy_ranks, load_legacy, read_args
+from pipeline.train.job import Parallel, TrainJob, TrainSettings
+from pipeline.train.mcore import checkpoint, cpu
+from pipeline.train.mcore import model as models
+
 PROMPT_TOKENS = 48
 # Megatron-LM's files use Transformer Engine's names for the norms fused into the next linear layer;
 # megatron-core's local layers (the CPU path) call them as below
@@ -42,17 +47,15 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from pipeline.convert.megatron_io import legacy_ranks, load_legacy, read_args
-    from pipeline.train import megatron_entry as me
-
     path, args = read_args(ckpt_root)
     tp = dist.get_world_size()
     ps.initialize_model_parallel(tp, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    parallel = {"tp": tp, "pp": 1, "vpp": None, "sequence_parallel": False, "distributed_optimizer": False,
-                "recompute": "none"}
-    job = {"model": args["model"], "train": {"parallel": parallel}, "padded_vocab_size": args["padded_vocab_size"]}
-    model = me.build_model(job, me.transformer_config(job, "fp32"))
+    # the job of a training run at this layout, as far as building its model needs one
+    parallel = Parallel(tp=tp, pp=1, vpp=None, sequence_parallel=False, distributed_optimizer=False, recompute="none")
+    job = TrainJob(model=args["model"], train=TrainSettings(parallel=parallel),
+                   padded_vocab_size=args["padded_vocab_size"])
+    model = models.build_model(job, models.transformer_config(job, "fp32"))
     ranks = legacy_ranks(path)
     if ranks:  # a legacy file per rank: this rank's shard goes straight into the module, names checked
         if set(ranks) != {(t, 0) for t in range(tp)}:
@@ -61,7 +64,7 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
         shard = load_legacy(ranks[(ps.get_tensor_model_parallel_rank(), 0)])["model"]
         model[0].module.load_state_dict(to_module_names(shard, model[0].module), strict=True)
     else:
-        me.load_checkpoint(path, model, None, None, {})
+        checkpoint.load_checkpoint(path, model, None, None, {})
     model[0].eval()
     seq = tokens.shape[1]
     mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)  # True = masked (future positions)
@@ -89,9 +92,7 @@ def main(hf_dir: str, megatron_dir: str, out: str) -> None:
     ours = hf_logits(hf_dir, tokens) if int(os.environ.get("RANK", "0")) == 0 else None
     cuda = torch.cuda.is_available()
     if not cuda:
-        from pipeline.train import megatron_cpu
-
-        megatron_cpu.install()
+        cpu.install()
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from pipeline.errors import ConfigError
+
 log = logging.getLogger("pipeline")
 
 Batch = Tuple[np.ndarray, np.ndarray]  # (flat ids int64/uint32, lengths int64)
@@ -53,7 +55,8 @@ class FastokensEncoder:
     def encode(self, texts: Sequence[str]) -> Batch:
         ids, offsets = self.tok.encode_batch_flat(list(texts), add_special_tokens=self.add_special_tokens)
         offsets = np.frombuffer(offsets, dtype=np.uint64).astype(np.int64)
-        return np.frombuffer(ids, dtype=np.uint32), np.diff(offsets) if offsets.size > 1 else np.zeros(len(texts), np.int64)
+        return (np.frombuffer(ids, dtype=np.uint32),
+                np.diff(offsets) if offsets.size > 1 else np.zeros(len(texts), np.int64))
 
 
 class GigatokenEncoder:
@@ -101,7 +104,8 @@ def first_mismatch(ref: Batch, got: Batch) -> str | None:
         a = ref_ids[starts[d]:starts[d + 1]]
         b = got_ids[starts[d]:starts[d] + got_len[d]] if bad.size == 0 else None
         if ref_len[d] != got_len[d] or not np.array_equal(a, b):
-            return f"document {d} of the sample differs ({int(ref_len[d])} HF tokens, {int(got_len[d])} from the engine)"
+            return (f"document {d} of the sample differs ({int(ref_len[d])} HF tokens, "
+                    f"{int(got_len[d])} from the engine)")
     return "ids differ"
 
 
@@ -135,7 +139,7 @@ def choose_engine(requested: str, tokenizer_json: Path, add_special_tokens: bool
         if mismatch is None:
             best = name
     if requested not in ("auto", "hf") and best != requested:
-        raise ValueError(f"data.tokenize.engine={requested} cannot be used: {report[requested].get('why')}; "
+        raise ConfigError(f"data.tokenize.engine={requested} cannot be used: {report[requested].get('why')}; "
                          f"use engine=auto or engine=hf")
     if best == "hf" and requested == "auto":
         log.info("engine=auto: no fast engine gave HF's ids on the sample, using hf (%s)",

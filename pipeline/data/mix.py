@@ -23,9 +23,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from pipeline.config import value_of
-from pipeline.data.indexed import IndexedReader, IndexedWriter, check_token_ids
-from pipeline.data.sources import DataError
-from pipeline.runner import MANIFEST, StageContext, read_json
+from pipeline.errors import DataError
+from pipeline.files import read_json
+from pipeline.formats.indexed import IndexedReader, IndexedWriter, check_token_ids
+from pipeline.runner import MANIFEST, StageContext
 
 FLUSH = 1 << 16  # picks buffered before their tokens are copied out
 
@@ -124,7 +125,8 @@ def mix_split(cursors: List[Cursor], weights: np.ndarray, out: SplitWriter, by: 
     return result
 
 
-def _report(result: SplitResult, weights: np.ndarray, names: List[str], readers: Dict[str, IndexedReader]) -> Dict[str, Any]:
+def _report(result: SplitResult, weights: np.ndarray, names: List[str],
+            readers: Dict[str, IndexedReader]) -> Dict[str, Any]:
     sources = {}
     for s, name in enumerate(names):
         got = result.per_source[name]
@@ -154,7 +156,7 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any, vocab_size: Optional[i
     readers = {n: IndexedReader(inputs[n]) for n in names}
     for n, r in readers.items():
         if r.num_tokens == 0:
-            raise ValueError(f"data.mix.weights.{n}: source {n} has no tokens (were all its records skipped?); "
+            raise DataError(f"data.mix.weights.{n}: source {n} has no tokens (were all its records skipped?); "
                              f"fix the source or set its weight to 0")
     dtypes = {r.dtype for r in readers.values()}
     if len(dtypes) > 1:
@@ -168,7 +170,8 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any, vocab_size: Optional[i
     expected_total = {"first_exhausted": float(np.min(available / weights)),
                       "all_exhausted": float(np.max(available / weights)),
                       "budget": float(cfg.total_tokens or 0)}[stopping]
-    valid_budget = int(cfg.valid_tokens if cfg.valid_tokens is not None else round(cfg.valid_fraction * expected_total))
+    valid_budget = int(cfg.valid_tokens if cfg.valid_tokens is not None
+                       else round(cfg.valid_fraction * expected_total))
     rng = np.random.default_rng(cfg.seed)
     cursors = [Cursor(readers[n]) for n in names]
     results = {}
@@ -176,7 +179,7 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any, vocab_size: Optional[i
         valid_out = SplitWriter(out_dir / "valid", dtype, names, readers)
         results["valid"] = mix_split(cursors, weights, valid_out, by, "first_exhausted", valid_budget, rng, names)
         if results["valid"].tokens < valid_budget:
-            raise ValueError(f"data.mix: the sources hold only {results['valid'].tokens} tokens for a "
+            raise DataError(f"data.mix: the sources hold only {results['valid'].tokens} tokens for a "
                              f"{valid_budget}-token validation split; lower data.mix.valid_fraction/valid_tokens")
     else:
         IndexedWriter(out_dir / "valid", dtype).finish()

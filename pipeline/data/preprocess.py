@@ -20,9 +20,11 @@ from types import SimpleNamespace
 
 from pipeline import destination
 from pipeline.config import TokenizeConfig
-from pipeline.data.sources import DataError, list_files
+from pipeline.data.sources import list_files
 from pipeline.data.tokenize import tokenize_sources
-from pipeline.runner import canonical_json, input_identities, sha256_file
+from pipeline.errors import DataError
+from pipeline.files import canonical_json, remove, sha256_file
+from pipeline.runner import input_identities
 
 log = logging.getLogger("pipeline")
 
@@ -82,7 +84,8 @@ def preprocess(args: argparse.Namespace) -> None:
     for k, m in metrics["sources"].items():
         log.info("%s: %d documents, %d tokens (%s), skipped %s", prefixes[k], m["documents"], m["tokens"],
                  metrics["dtype"], m["skipped"] or "none")
-    log.info("engine %s, %.1fs, %s tokens/s", metrics["engine"], metrics["seconds"], f"{metrics['tokens_per_second']:,}")
+    log.info("engine %s, %.1fs, %s tokens/s", metrics["engine"], metrics["seconds"],
+             f"{metrics['tokens_per_second']:,}")
     Path(f"{prefix}.preprocess.json").write_text(json.dumps(metrics, indent=2))
 
 
@@ -104,7 +107,7 @@ def _claim_outputs(args: argparse.Namespace, prefix: Path, scratch: Path, inputs
     if not ours:  # absent, empty, or not made by preprocess: only --overwrite removes it
         destination.check(scratch, sources, args.overwrite, "--output-prefix", "--overwrite")
         if os.path.lexists(scratch):
-            destination.remove(scratch)
+            remove(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / KEY).touch()
 
@@ -118,7 +121,8 @@ def _tokenizer_dir(name: str, scratch: Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise DataError(f"--tokenizer {name}: not a directory with tokenizer.json, and cannot be loaded: {e}") from None
+        raise DataError(f"--tokenizer {name}: not a directory with tokenizer.json, "
+                        f"and cannot be loaded: {e}") from None
     out = scratch / "tokenizer"
     tok.save_pretrained(out)
     return out

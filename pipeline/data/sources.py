@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, TextIO, Tuple
 import orjson
 
 from pipeline.config import value_of
+from pipeline.errors import DataError
 
 log = logging.getLogger("pipeline")
 
@@ -29,10 +30,6 @@ BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors put first in a f
 SUFFIX_FORMATS = [(".jsonl.gz", "jsonl"), (".ndjson.gz", "jsonl"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
                   (".json.gz", "json"), (".json", "json"), (".parquet", "parquet"),
                   (".txt.gz", "txt"), (".txt", "txt"), (".md", "txt"), (".rst", "txt")]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line (or row) and what to do."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +93,8 @@ def plan_shards(name: str, src: Any, shard_bytes: int) -> List[Shard]:
     shards: List[Shard] = []
     for path in local_files(src, key):
         fmt = source_format(path, src.format, key)
-        splittable = not path.endswith(".gz") and (fmt == "jsonl" or (fmt == "txt" and value_of(src.text_unit) == "line"))
+        splittable = (not path.endswith(".gz")
+                      and (fmt == "jsonl" or (fmt == "txt" and value_of(src.text_unit) == "line")))
         if splittable:
             size = os.path.getsize(path)
             for start in range(0, max(size, 1), shard_bytes):
@@ -149,7 +147,8 @@ class RecordSink:
         if self.policy == "quarantine" and self.rejects is not None:
             if isinstance(raw, bytes):
                 raw = raw.decode("utf-8", errors="replace")
-            self.rejects.write(json.dumps({"where": where, "reason": reason, "record": raw}, ensure_ascii=False) + "\n")
+            self.rejects.write(json.dumps({"where": where, "reason": reason, "record": raw},
+                                          ensure_ascii=False) + "\n")
 
 
 def read_shard(shard: Shard, src: Any, sink: RecordSink, max_doc_bytes: Optional[int] = None) -> Iterator[str]:

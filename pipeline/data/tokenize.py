@@ -3,16 +3,14 @@
 Each source is cut into shards (pipeline/data/sources.py) that depend only on the input and
 `shard_bytes`. Worker processes (or Ray tasks, `executor=ray`) encode shards into
 `<scratch>/<source>/<shard>.bin` + `.len`, then write the shard's marker `<shard>.json` last; a
-rerun after a kill redoes only shards without a marker. The merge concatenates shard bytes in shard order, so the output is the same bytes for any
-worker count and any crash/resume history. A source's token budget keeps whole documents, in order,
-while the running total stays within it.
+rerun after a kill redoes only shards without a marker. The merge concatenates shard bytes in shard
+order, so the output is the same bytes for any worker count and any crash/resume history. A
+source's token budget keeps whole documents, in order, while the running total stays within it.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import logging
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -26,12 +24,13 @@ import numpy as np
 
 from pipeline.config import value_of
 from pipeline.data import encoders
-from pipeline.data.indexed import IndexedWriter, token_dtype
-from pipeline.data.sources import (DataError, RecordSink, RecordStats, Shard, first_documents, local_files,
-                                   plan_shards, read_shard)
+from pipeline.data.executors import LocalPool, RayPool, single_threaded
+from pipeline.data.sources import RecordSink, RecordStats, Shard, first_documents, local_files, plan_shards, read_shard
 from pipeline.data.tokenizer import TOKENIZER_FILE, tokenizer_info
-from pipeline.lifetime import die_with_parent
-from pipeline.runner import SCRATCH, StageContext, write_json_atomic
+from pipeline.errors import DataError
+from pipeline.files import write_json_atomic
+from pipeline.formats.indexed import IndexedWriter, token_dtype
+from pipeline.runner import SCRATCH, StageContext
 
 log = logging.getLogger("pipeline")
 
@@ -155,18 +154,9 @@ def encode_shard(job: Job) -> Dict[str, Any]:
     return marker
 
 
-def _worker_init() -> None:
-    # Each worker is one core's worth of encoding; no nested thread pools fighting for the cores.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # HF tokenizers
-    os.environ["RAYON_NUM_THREADS"] = "1"  # HF tokenizers and gigatoken
-    os.environ["FASTOKENS_BPE_THREADS"] = "1"  # fastokens sizes its own pool from this, not from rayon's
-
-
-def _local_worker_init() -> None:
-    # A worker dies with the driver, even a SIGKILLed one. Its parent is the thread that submits the shards
-    # and waits for them (ProcessPoolExecutor spawns on submit), which outlives the pool.
-    die_with_parent(parent=mp.parent_process().pid)
-    _worker_init()
+def _ray_encode_shard(job: Job) -> Dict[str, Any]:
+    single_threaded()  # each Ray worker process: one encoder thread per task, as a local worker has
+    return encode_shard(job)
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -215,84 +205,6 @@ class Progress:
                      self.done, self.total, f"{self.docs / elapsed:,.0f}", f"{self.tokens / elapsed:,.0f}")
 
 
-class LocalPool:
-    """Shard jobs on worker processes of this machine."""
-
-    def __init__(self, workers: int):
-        ctx = mp.get_context("spawn")  # fork would copy a tokenizer's thread pool into a broken child
-        self.pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_local_worker_init)
-        self.slots = workers
-
-    def submit(self, job: Job) -> cf.Future:
-        return self.pool.submit(encode_shard, job)
-
-    def wait(self, handles) -> list:
-        return list(cf.wait(handles, return_when=cf.FIRST_COMPLETED)[0])
-
-    def result(self, handle: cf.Future, job: Job) -> Dict[str, Any]:
-        return handle.result()
-
-    def close(self, handles) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)  # cancels whatever has not started
-
-
-def _ray_encode_shard(job: Job) -> Dict[str, Any]:
-    _worker_init()  # each Ray worker process: one encoder thread per task, as a local worker has
-    return encode_shard(job)
-
-
-class RayPool:
-    """Shard jobs as Ray tasks over a Ray cluster, or an embedded Ray on this machine (`local`).
-
-    Each task writes its own shard files to the run dir's scratch, so the run dir must be on storage
-    every node sees. A task whose worker dies is retried by Ray (a retry rewrites the shard from its
-    start); the marker is written last, so a killed driver's rerun redoes only unmarked shards."""
-
-    RETRIES = 3  # per task, when its worker process or node dies
-
-    def __init__(self, address: str, workers: int):
-        if address == "local":
-            # an embedded single-machine Ray: Ray would otherwise announce (and bind) this host's
-            # network address; this keeps it on loopback, as Ray does on macOS
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        import ray
-
-        self.ray = ray
-        if address == "local":
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=address, log_to_driver=False)
-        self.remote = ray.remote(num_cpus=1, max_retries=self.RETRIES)(_ray_encode_shard)
-        self.slots = max(1, int(ray.cluster_resources().get("CPU", workers)))
-        log.info("tokenize: Ray at %s, %d CPUs on %d node(s)", address, self.slots, len(ray.nodes()))
-
-    def submit(self, job: Job):
-        return self.remote.remote(job)
-
-    def wait(self, handles) -> list:
-        return self.ray.wait(list(handles), num_returns=1)[0]
-
-    def result(self, handle, job: Job) -> Dict[str, Any]:
-        from ray.exceptions import RayError, RayTaskError
-
-        try:
-            return self.ray.get(handle)
-        except RayTaskError as e:  # the task raised: a bad record (policy error) keeps its file:line
-            cause = e.cause if isinstance(e.cause, Exception) else e
-            if isinstance(cause, DataError):
-                raise cause from None
-            raise DataError(f"tokenize shard {job.shard.key()} of {job.shard.path} failed on a Ray worker: "
-                            f"{type(cause).__name__}: {cause}") from None
-        except RayError as e:  # the worker or its node died, more often than the retries allow
-            raise DataError(f"tokenize shard {job.shard.key()} of {job.shard.path}: {type(e).__name__}: {e}; "
-                            f"a rerun redoes only the shards without a marker") from None
-
-    def close(self, handles) -> None:
-        for handle in handles:
-            self.ray.cancel(handle, force=True)
-        self.ray.shutdown()
-
-
 def _run_jobs(jobs_by_source: Dict[str, List[Job]], budgets: Dict[str, Optional[int]], workers: int,
               executor: str = "local", ray_address: str = "local",
               timing: Optional[Dict[str, float]] = None) -> Dict[str, List[Dict[str, Any]]]:
@@ -337,7 +249,8 @@ def _run_jobs(jobs_by_source: Dict[str, List[Job]], budgets: Dict[str, Optional[
                     finished(job, encode_shard(job))
         elif pending:
             t_start = time.perf_counter()
-            pool = RayPool(ray_address, workers) if executor == "ray" else LocalPool(workers)
+            pool = (RayPool(ray_address, workers, _ray_encode_shard, "tokenize") if executor == "ray"
+                    else LocalPool(workers, encode_shard))
             if timing is not None:  # Ray's start (or connection) is a fixed cost per run, apart from throughput
                 timing["executor_start"] = round(time.perf_counter() - t_start, 3)
             in_flight: Dict[Any, Job] = {}
@@ -354,7 +267,7 @@ def _run_jobs(jobs_by_source: Dict[str, List[Job]], budgets: Dict[str, Optional[
                         break
                     for handle in pool.wait(in_flight):
                         job = in_flight.pop(handle)
-                        finished(job, pool.result(handle, job))
+                        finished(job, pool.result(handle, f"tokenize shard {job.shard.key()} of {job.shard.path}"))
             finally:
                 pool.close(in_flight)
     finally:
@@ -415,9 +328,11 @@ def tokenize_sources(sources: Dict[str, Any], tokenizer_dir: Path, prefixes: Dic
     # apply the real policy), at most 512 KiB of each, long documents cut to their first 100k chars.
     sample = [text[:100_000] for name, src in plain.items()
               for text in first_documents(name, src, shards[name], opts.verify_docs, 512 * 1024, policy="skip")]
-    engine, verification = encoders.choose_engine(value_of(opts.engine), tokenizer_json, opts.add_special_tokens, sample)
+    engine, verification = encoders.choose_engine(value_of(opts.engine), tokenizer_json,
+                                                  opts.add_special_tokens, sample)
     # with the real add_special_tokens: a tokenizer that adds BOS/EOS per call must not be split
-    split_exact = encoders.splitting_is_exact(encoders.make_encoder("hf", tokenizer_json, opts.add_special_tokens), sample)
+    split_exact = encoders.splitting_is_exact(encoders.make_encoder("hf", tokenizer_json, opts.add_special_tokens),
+                                              sample)
     log.info("tokenize: engine=%s, dtype=%s, %d shards, %d workers", engine, dtype.name,
              sum(map(len, shards.values())), opts.workers)
     jobs = {

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
-from pipeline.data.sources import DataError, first_documents, local_files, plan_shards
+from pipeline.data.sources import first_documents, local_files, plan_shards
+from pipeline.errors import DataError
 from pipeline.runner import StageContext
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -2,7 +2,7 @@
 
 megatron-core names are those its local layer spec saves (the norms under Transformer Engine's
 names: `linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`)."""
-from pipeline.convert.mapping import QKV, Direct, Family, GatedMLP, Vocab
+from pipeline.models.mapping import QKV, Direct, Family, GatedMLP, Vocab
 
 ATTN = "model.layers.*.self_attn"
 LLAMA_MAPPINGS = (

@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5: the Llama table plus biases on q, k and v (fused like the weights)."""
-from pipeline.convert.families.llama import ATTN, LLAMA_MAPPINGS
-from pipeline.convert.mapping import QKV, Family
+from pipeline.models.llama import ATTN, LLAMA_MAPPINGS
+from pipeline.models.mapping import QKV, Family
 
 FAMILY = Family("qwen2", ("Qwen2ForCausalLM",), LLAMA_MAPPINGS + (
     QKV("decoder.layers.*.self_attention.linear_qkv.bias",

@@ -1,7 +1,8 @@
 """The model families, by HF architecture and by our model.family. Adding a family: one module with a
 FAMILY table, one line here, one round-trip test."""
-from pipeline.convert.families import gpt2, llama, qwen2
-from pipeline.convert.mapping import ConversionError, Family
+from pipeline.errors import ConversionError
+from pipeline.models import gpt2, llama, qwen2
+from pipeline.models.mapping import Family
 
 FAMILIES = {f.name: f for f in (llama.FAMILY, qwen2.FAMILY, gpt2.FAMILY)}
 BY_ARCHITECTURE = {arch: f for f in FAMILIES.values() for arch in f.architectures}

@@ -1,6 +1,6 @@
 """GPT-2: learned positions, LayerNorm with bias, GELU, biases everywhere, tied embeddings. HF keeps
 its linear layers as Conv1D ([in, out]), hence the transposes, and q/k/v fused in one c_attn."""
-from pipeline.convert.mapping import QKV, Direct, Family, Vocab
+from pipeline.models.mapping import QKV, Direct, Family, Vocab
 
 H = "transformer.h.*"
 D = "decoder.layers.*"

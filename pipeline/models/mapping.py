@@ -12,9 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message names the tensor and what is wrong."""
+from pipeline.errors import ConversionError
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import BinaryIO, Iterator, NoReturn, Optional, Tuple
 
 import numpy as np
 
-from pipeline.data.sources import DataError
+from pipeline.errors import DataError
 
 log = logging.getLogger("pipeline")
 
@@ -95,7 +95,7 @@ class IndexedWriter:
         lengths = np.asarray(lengths, dtype=np.int32)
         remaining = int(lengths.sum()) * self.dtype.itemsize
         if os.path.getsize(bin_file) < remaining:
-            raise ValueError(f"{bin_file}: {os.path.getsize(bin_file)} bytes, but its lengths need {remaining}")
+            raise DataError(f"{bin_file}: {os.path.getsize(bin_file)} bytes, but its lengths need {remaining}")
         with open(bin_file, "rb") as f:
             while remaining:
                 block = f.read(min(remaining, 16 << 20))
@@ -111,7 +111,8 @@ class IndexedWriter:
         self._lens.close()
         idx_tmp = Path(f"{self.prefix}.idx.tmp")
         count = self.documents
-        lengths = np.memmap(self._len_tmp, dtype=np.int32, mode="r", shape=(count,)) if count else np.zeros(0, np.int32)
+        lengths = (np.memmap(self._len_tmp, dtype=np.int32, mode="r", shape=(count,))
+                   if count else np.zeros(0, np.int32))
         with open(idx_tmp, "wb") as f:
             f.write(MAGIC)
             f.write(struct.pack("<Q", 1))
@@ -172,7 +173,8 @@ class IndexedReader:
                            f"count {doc_count} at byte offset 26) needs {HEADER_BYTES} + 12 x {count} + 8 x "
                            f"{doc_count} = {expected} bytes, with at least 1 document index")
         self.dtype = CODE_DTYPES[code]
-        self.lengths = np.memmap(path, np.int32, "r", offset=HEADER_BYTES, shape=(count,)) if count else np.zeros(0, np.int32)
+        self.lengths = (np.memmap(path, np.int32, "r", offset=HEADER_BYTES, shape=(count,))
+                        if count else np.zeros(0, np.int32))
         self.pointers = (np.memmap(path, np.int64, "r", offset=HEADER_BYTES + 4 * count, shape=(count,))
                          if count else np.zeros(0, np.int64))
         self.document_indices = np.memmap(path, np.int64, "r", offset=HEADER_BYTES + 12 * count, shape=(doc_count,))

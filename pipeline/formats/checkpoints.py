@@ -1,0 +1,36 @@
+"""Where each backend's checkpoints live in a train work dir, and which of them are complete.
+
+hf:       checkpoints/checkpoint-<step>/ with PIPELINE_COMPLETE.json, written by rank 0 after every rank saved
+megatron: checkpoints/iter_<step:07d>/ and latest_checkpointed_iteration.txt (Megatron-LM's layout), the
+          tracker written after every rank saved; an iter dir past the tracker is half-written
+Shared by the entry points (which write and resume them), conversion (which reads and writes Megatron's
+layout) and the runner (which never removes them).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+COMPLETE = "PIPELINE_COMPLETE.json"
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name: the newest complete iteration
+
+
+def complete_checkpoints(work_dir: Path) -> List[str]:
+    """The complete checkpoints in a train work dir (either backend), oldest first, relative to it: the
+    costly work a partial training holds."""
+    ckpts = work_dir / "checkpoints"
+    hf = sorted((p.parent for p in ckpts.glob(f"checkpoint-*/{COMPLETE}")), key=lambda p: int(p.name.split("-")[1]))
+    tracker, megatron = ckpts / TRACKER, []
+    if tracker.is_file() and tracker.read_text().strip().isdigit():
+        newest = int(tracker.read_text())
+        megatron = sorted(p for p in ckpts.glob("iter_*") if p.name[5:].isdigit() and int(p.name[5:]) <= newest)
+    return [str(p.relative_to(work_dir)) for p in hf + megatron]
+
+
+def iteration_dir(ckpt_root: Path, iteration: int) -> Path:
+    return ckpt_root / f"iter_{iteration:07d}"
+
+
+def latest_iteration(ckpt_root: Path) -> Optional[int]:
+    tracker = ckpt_root / TRACKER
+    return int(tracker.read_text().strip()) if tracker.is_file() else None
