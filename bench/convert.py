@@ -96,7 +96,8 @@ def build_model(out: Path, layers: int) -> int:
         shards.append({p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
                        p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
                        p + "mlp.gate_proj.weight": rand(ffn, h), p + "mlp.up_proj.weight": rand(ffn, h),
-                       p + "mlp.down_proj.weight": rand(h, ffn), p + "input_layernorm.weight": torch.ones(h).bfloat16(),
+                       p + "mlp.down_proj.weight": rand(h, ffn),
+                       p + "input_layernorm.weight": torch.ones(h).bfloat16(),
                        p + "post_attention_layernorm.weight": torch.ones(h).bfloat16()})
     shards.append({"model.embed_tokens.weight": rand(32000, h), "lm_head.weight": rand(32000, h),
                    "model.norm.weight": torch.ones(h).bfloat16()})
@@ -105,7 +106,7 @@ def build_model(out: Path, layers: int) -> int:
     for n, group in enumerate(groups, 1):
         name = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
         save_file(group, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in group})
+        weight_map.update(dict.fromkeys(group, name))
         params += sum(t.numel() for t in group.values())
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return params

@@ -173,7 +173,8 @@ def main() -> None:
     best: dict = {}
     times: dict = {}
     for _ in range(args.rounds):
-        stdout, _, rss = run_measured([sys.executable, "-c", BASELINE, str(tokenizer / "tokenizer.json"), str(corpus)], env)
+        stdout, _, rss = run_measured([sys.executable, "-c", BASELINE, str(tokenizer / "tokenizer.json"),
+                                       str(corpus)], env)
         tokens, seconds = int(stdout.split()[0]), float(stdout.split()[1])
         times.setdefault("baseline", []).append(seconds)
         if "baseline" not in best or seconds < best["baseline"]["seconds"]:
@@ -211,13 +212,15 @@ def main() -> None:
 
     if args.huge_mb:
         print("\none huge document (sample text repeated, no record boundaries), engine=auto")
-        text = "\n".join(json.loads(line)["text"] for s in ("web", "code", "math") for line in gzip.open(SAMPLE / f"{s}.jsonl.gz"))
+        text = "\n".join(json.loads(line)["text"] for s in ("web", "code", "math")
+                         for line in gzip.open(SAMPLE / f"{s}.jsonl.gz"))
         for mb in [int(x) for x in args.huge_mb.split(",")]:
             path = out / f"huge_{mb}mb.jsonl"
             with open(path, "w") as f:
                 f.write(json.dumps({"text": (text * (int(mb * 1e6) // len(text) + 1))[:int(mb * 1e6)]}) + "\n")
             r = preprocess(path, tokenizer, out, "auto", args.workers)
-            print(f"  {mb:>5} MB document: {r['seconds']:6.1f}s ({r['seconds'] / mb:.3f} s/MB), peak RSS {r['rss_mb']:.0f} MB")
+            print(f"  {mb:>5} MB document: {r['seconds']:6.1f}s ({r['seconds'] / mb:.3f} s/MB), "
+                  f"peak RSS {r['rss_mb']:.0f} MB")
             path.unlink()
 
 

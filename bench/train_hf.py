@@ -6,7 +6,7 @@ Both sides: the tiny_cpu model (same init, from the pipeline's own build_model),
 through BlockDataset, the same batches (seeded sampler, 4 x 128 tokens micro batch, 4 accumulation
 steps = 2,048 tokens per step on one process), AdamW with the same lr / weight decay, grad clip 1.0
 and the cosine schedule. Pipeline = transformers.Trainer with the TrainingArguments the train stage
-builds (training_arguments in pipeline/train/hf_entry.py), once plain and once with DeepSpeed ZeRO-2
+builds (training_arguments in pipeline/train/hf_backend.py), once plain and once with DeepSpeed ZeRO-2
 (one rank). Evaluation and checkpointing are off on both sides: this measures the step loop. The
 first 5 steps are warm-up and not timed; the median step time is compared.
 Target: pipeline / bare <= 1.05.
@@ -51,8 +51,8 @@ def make_job(run_dir: Path, steps: int, zero: bool, overrides: list) -> dict:
                    "train.eval_every=1000000000", "train.save_every=1000000000", "train.tracker=none", *overrides])
     info = tokenizer_info(run_dir / "tokenizer")
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return {"name": "bench", "work_dir": str(run_dir / "bench_train"), "model": plain["model"], "train": plain["train"],
-            "init": None, "vocab_size": info["vocab_len"], "eod_id": info["eod_id"],
+    return {"name": "bench", "work_dir": str(run_dir / "bench_train"), "model": plain["model"],
+            "train": plain["train"], "init": None, "vocab_size": info["vocab_len"], "eod_id": info["eod_id"],
             "grad_accumulation": grad_accumulation(cfg), "global_batch_tokens": cfg.train.global_batch_tokens,
             "deepspeed": deepspeed_config(cfg.train) if zero else None}
 
@@ -61,7 +61,7 @@ def pipeline_step_times(job: dict, dataset) -> tuple:
     """(step times, forward+backward time within each step) of the Trainer the train stage builds."""
     from transformers import Trainer, TrainerCallback
 
-    from pipeline.train.hf_entry import build_model, training_arguments
+    from pipeline.train.hf_backend import build_model, training_arguments
 
     times, fwd_bwd, current = [], [], [0.0]
 
@@ -91,15 +91,15 @@ def pipeline_step_times(job: dict, dataset) -> tuple:
 
 def bare_step_times(job: dict, dataset) -> tuple:
     """The same work written by hand: no Trainer, no callbacks, no accelerate."""
-    from pipeline.train.hf_entry import build_model
+    from pipeline.train.hf_backend import build_model
 
     t = job["train"]
     model = build_model(job)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=t["lr"])
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"])
     steps, warm = t["max_steps"], math.ceil(t["warmup_ratio"] * t["max_steps"])
 
     def lr_at(step):
@@ -146,8 +146,9 @@ def one_variant(variant: str, steps: int, overrides: list, out: Path) -> None:
     times, fwd_bwd = bare_step_times(job, dataset) if variant == "bare" else pipeline_step_times(job, dataset)
     other = [t - f for t, f in zip(times, fwd_bwd)]
     m = job["model"]
-    print(f"RESULT {statistics.median(times)} {statistics.median(other)} {m['num_layers']} {m['hidden_size']} {job['grad_accumulation']} "
-          f"{job['global_batch_tokens']} {job['train']['micro_batch_size']} {job['train']['seq_len']}")
+    print(f"RESULT {statistics.median(times)} {statistics.median(other)} {m['num_layers']} {m['hidden_size']} "
+          f"{job['grad_accumulation']} {job['global_batch_tokens']} {job['train']['micro_batch_size']} "
+          f"{job['train']['seq_len']}")
 
 
 def main() -> None:
@@ -156,7 +157,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(REPO / "bench" / "out"))
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides for the model/train config, e.g. model.hidden_size=512")
+    ap.add_argument("overrides", nargs="*",
+                    help="Hydra overrides for the model/train config, e.g. model.hidden_size=512")
     args = ap.parse_args()
     if args.variant:
         return one_variant(args.variant, args.steps, args.overrides, Path(args.out))

@@ -62,13 +62,14 @@ def bare_step_times(job_path: Path) -> list:
     import torch
     import torch.distributed as dist
 
-    from pipeline.train import megatron_entry as me
+    from pipeline.train.mcore import data
+    from pipeline.train.mcore import model as models
 
     job = json.loads(job_path.read_text())
     t = job["train"]
     cuda = torch.cuda.is_available()
     if not cuda:
-        from pipeline.train import megatron_cpu
+        from pipeline.train.mcore import cpu as megatron_cpu
 
         megatron_cpu.install()
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29534", "RANK": "0", "WORLD_SIZE": "1"})
@@ -79,7 +80,7 @@ def bare_step_times(job_path: Path) -> list:
     ps.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(t["seed"])
     precision = "bf16" if cuda else "fp32"
-    model = me.build_model(job, me.transformer_config(job, precision))[0].module  # no DDP wrapper
+    model = models.build_model(job, models.transformer_config(job, precision))[0].module  # no DDP wrapper
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -95,8 +96,8 @@ def bare_step_times(job_path: Path) -> list:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     global_batch, micro = job["global_batch_sequences"], t["micro_batch_size"]
-    train_ds, _ = me.build_datasets(job, steps * global_batch, 0)
-    batches = me.MicroBatches(train_ds, global_batch, micro, 0, 1)
+    train_ds, _ = data.build_datasets(job, steps * global_batch, 0)
+    batches = data.MicroBatches(train_ds, global_batch, micro, 0, 1)
     device = "cuda" if cuda else "cpu"
     times = []
     for step in range(steps):
@@ -154,12 +155,13 @@ def main() -> None:
     job = json.loads((run_dir / "train" / "job.json").read_text())
     m, t = job["model"], job["train"]
     best = {k: min(v) for k, v in medians.items()}
-    print(f"model {m['num_layers']} layers x {m['hidden_size']} ({' '.join(args.overrides) or 'tiny_cpu'}), TP=1 PP=1, "
-          f"1 process, {t['micro_batch_size']} x {t['seq_len']} tokens x {job['grad_accumulation']} micro batches = "
-          f"{job['global_batch_tokens']:,} tokens/step; median of {args.steps - WARMUP} steps per run, best of "
-          f"{args.rounds} interleaved runs (each in a fresh process)\n")
+    print(f"model {m['num_layers']} layers x {m['hidden_size']} ({' '.join(args.overrides) or 'tiny_cpu'}), "
+          f"TP=1 PP=1, 1 process, {t['micro_batch_size']} x {t['seq_len']} tokens x {job['grad_accumulation']} "
+          f"micro batches = {job['global_batch_tokens']:,} tokens/step; median of {args.steps - WARMUP} steps "
+          f"per run, best of {args.rounds} interleaved runs (each in a fresh process)\n")
     print(f"{'run':<46} {'ms/step':>8} {'vs bare':>8}   all runs (ms)")
-    labels = {"bare": "bare PyTorch loop, same GPTModel and batches", "pipeline": "pipeline: megatron backend (train stage)"}
+    labels = {"bare": "bare PyTorch loop, same GPTModel and batches",
+              "pipeline": "pipeline: megatron backend (train stage)"}
     for key, label in labels.items():
         runs = " ".join(f"{x * 1000:.0f}" for x in medians[key])
         print(f"{label:<46} {best[key] * 1000:>8.1f} {best[key] / best['bare']:>7.3f}x   {runs}")

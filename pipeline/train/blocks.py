@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.indexed import IndexedReader
+from pipeline.formats.indexed import IndexedReader
 
 
 class BlockDataset(torch.utils.data.Dataset):

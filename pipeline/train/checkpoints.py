@@ -1,26 +1,58 @@
-"""Where each backend's checkpoints live in a train work dir, and which of them are complete.
+"""What both backends do alike with their checkpoints and settings (the layout itself is
+pipeline/formats/checkpoints.py).
 
-hf:       checkpoints/checkpoint-<step>/ with PIPELINE_COMPLETE.json, written by rank 0 after every rank saved
-megatron: checkpoints/iter_<step:07d>/ and latest_checkpointed_iteration.txt (Megatron-LM's layout), the
-          tracker written after every rank saved; an iter dir past the tracker is half-written
-Shared by the entry points (which write and resume them) and the runner (which never removes them).
+- identity: a checkpoint records the data and model fingerprints of the run that saved it, and
+  resumes only a run with the same ones (`check_identity`);
+- pruning: the newest `train.keep_checkpoints` are kept (`stale`); the megatron backend removes the
+  rest after each save, the HF Trainer by its save_total_limit (which also keeps the best by eval loss);
+  a checkpoint a kill left half-written is removed when a run starts, never read (`remove_half_written`);
+- precision: `train.precision`, with auto = bf16 on a GPU that has it, fp32 otherwise (`resolve_precision`).
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Mapping, Sequence, TypeVar
 
-COMPLETE = "PIPELINE_COMPLETE.json"
-TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name: the newest complete iteration
+from pipeline.formats.checkpoints import COMPLETE, latest_iteration
+
+T = TypeVar("T")
+PRECISIONS = ("bf16", "fp16", "fp32")
 
 
-def complete_checkpoints(work_dir: Path) -> List[str]:
-    """The complete checkpoints in a train work dir (either backend), oldest first, relative to it: the
-    costly work a partial training holds."""
-    ckpts = work_dir / "checkpoints"
-    hf = sorted((p.parent for p in ckpts.glob(f"checkpoint-*/{COMPLETE}")), key=lambda p: int(p.name.split("-")[1]))
-    tracker, megatron = ckpts / TRACKER, []
-    if tracker.is_file() and tracker.read_text().strip().isdigit():
-        newest = int(tracker.read_text())
-        megatron = sorted(p for p in ckpts.glob("iter_*") if p.name[5:].isdigit() and int(p.name[5:]) <= newest)
-    return [str(p.relative_to(work_dir)) for p in hf + megatron]
+def check_identity(saved: Mapping[str, Any], identity: Dict[str, str], path: Path) -> None:
+    """A checkpoint resumes only a run on the same data and model (both backends)."""
+    for key, value in identity.items():
+        if saved.get(key) != value:
+            raise SystemExit(f"{path} was saved for a different {key.replace('_', ' ')} ({saved.get(key)} != "
+                             f"{value}); it cannot be resumed here. Use a new run dir or remove {path.parent}")
+
+
+def stale(checkpoints: Sequence[T], keep: int) -> List[T]:
+    """Of checkpoints oldest first, the ones past the newest `keep` (none when keep <= 0: keep all)."""
+    return list(checkpoints[:-keep]) if keep > 0 else []
+
+
+def half_written(ckpt_root: Path, backend: str) -> List[Path]:
+    """The checkpoint dirs a kill left incomplete: hf, without a completion marker; megatron, past the
+    iteration the tracker names (all of them without a tracker)."""
+    if backend == "hf":
+        return [p for p in ckpt_root.glob("checkpoint-*") if not (p / COMPLETE).is_file()]
+    latest = latest_iteration(ckpt_root)
+    return [p for p in ckpt_root.glob("iter_*") if latest is None or int(p.name[5:]) > latest]
+
+
+def remove_half_written(ckpt_root: Path, backend: str) -> None:
+    """Called by rank 0 as a run starts, before any rank saves."""
+    if ckpt_root.exists():
+        for p in half_written(ckpt_root, backend):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_precision(precision: str) -> str:
+    """train.precision: bf16 | fp16 | fp32 as given; auto is bf16 on a GPU that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"

@@ -1,7 +1,8 @@
 """The `train` stage: checks, then launches the backend's entry point on every rank and waits.
 
-Backends: `hf` (hf_entry.py: transformers.Trainer + DeepSpeed) and `megatron` (megatron_entry.py:
-megatron-core TP/PP). Everything that can be wrong with the config or the data is checked here,
+Backends: `hf` (hf_entry.py over hf_backend.py: transformers.Trainer + DeepSpeed) and `megatron`
+(megatron_entry.py over megatron/: megatron-core TP/PP); the job they get is a TrainJob (job.py),
+written as job.json. Everything that can be wrong with the config or the data is checked here,
 before any process starts: the batch arithmetic and parallel layout (pipeline/config.py), and that
 model, tokenizer and data agree on the vocabulary. The work dir keeps its checkpoints across a crash
 (the stage is resumable), and the entry point resumes from the newest complete one.
@@ -15,17 +16,21 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 from omegaconf import OmegaConf
 
 from pipeline import launch
-from pipeline.config import CONFIG_DIR, ConfigError, data_parallel_size, grad_accumulation, value_of, world_size
-from pipeline.data.indexed import IndexedReader, check_training_data, token_dtype
+from pipeline.config import CONFIG_DIR, data_parallel_size, grad_accumulation, value_of, world_size
 from pipeline.data.tokenizer import tokenizer_info
-from pipeline.runner import StageContext, StageError, canonical_json
-from pipeline.train.checkpoints import complete_checkpoints
+from pipeline.errors import ConfigError, StageError
+from pipeline.files import canonical_json
+from pipeline.formats.checkpoints import complete_checkpoints
+from pipeline.formats.indexed import IndexedReader, check_training_data, token_dtype
+from pipeline.runner import StageContext
+from pipeline.train.job import TrainJob, TrainSettings
 
 log = logging.getLogger("pipeline")
 ENTRIES = {"hf": Path(__file__).with_name("hf_entry.py"), "megatron": Path(__file__).with_name("megatron_entry.py")}
@@ -63,16 +68,17 @@ def check_save_every(train) -> None:
     needs every save to fall on an eval step, and raises in every rank after launch otherwise."""
     save, evals = train.save_every, train.eval_every
     if (save < 1) != (evals < 1):
-        raise ConfigError(f"train.save_every: {save:g} and train.eval_every {evals:g} mix a fraction of the run with a "
-                          f"step count; give both as fractions (< 1) or both as steps (>= 1)")
+        raise ConfigError(f"train.save_every: {save:g} and train.eval_every {evals:g} mix a fraction of the run "
+                          f"with a step count; give both as fractions (< 1) or both as steps (>= 1)")
     scale = 1_000_000 if save < 1 else 1  # fractions compared as integers, as transformers does
     if round(save * scale) % round(evals * scale) != 0:
-        raise ConfigError(f"train.save_every: {save:g} is not a multiple of train.eval_every {evals:g}; the hf backend "
-                          f"keeps the best checkpoint by eval loss, so every save must fall on an evaluation")
+        raise ConfigError(f"train.save_every: {save:g} is not a multiple of train.eval_every {evals:g}; the hf "
+                          f"backend keeps the best checkpoint by eval loss, so every save must fall on an evaluation")
 
 
 def check_sequence_parallel(train) -> None:
-    if train.parallel.sequence_parallel and not any(importlib.util.find_spec(m) for m in ("transformer_engine", "apex")):
+    fused_norms = ("transformer_engine", "apex")
+    if train.parallel.sequence_parallel and not any(importlib.util.find_spec(m) for m in fused_norms):
         raise ConfigError("train.parallel.sequence_parallel: needs Transformer Engine or apex norms (megatron-core's "
                           "torch norms cannot shard along the sequence); install one, or set it to false")
 
@@ -127,7 +133,7 @@ def is_hf_checkpoint(path: str) -> bool:
 
 def megatron_init_args(path: str) -> Dict[str, Any]:
     """The args stored in a Megatron init checkpoint (train.init), read without starting any process."""
-    from pipeline.train.megatron_entry import read_checkpoint_args
+    from pipeline.train.mcore.checkpoint import read_checkpoint_args  # torch: deferred
 
     try:
         return read_checkpoint_args(Path(path))
@@ -148,7 +154,7 @@ def hf_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
 def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
     """Steps are counted here, as Megatron-LM does: GPTDataset samples read seq_len + 1 tokens, so an epoch
     of N tokens is (N - 1) // seq_len sequences."""
-    from pipeline.train.megatron_entry import padded_vocab_size
+    from pipeline.models.hf_config import padded_vocab_size
 
     t = cfg.train
     check_sequence_parallel(t)
@@ -169,8 +175,9 @@ def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
             fix = ("import it again for this TP (pipeline run --force import)" if init != t.init
                    else "convert it for this TP (pipeline convert ... tp=N)")
             raise ConfigError(f"train.init: {init} has a {stored['padded_vocab_size']}-row embedding, this run pads "
-                              f"{vocab_size} to {padded} (make_vocab_size_divisible_by {t.make_vocab_size_divisible_by}"
-                              f" x tp {t.parallel.tp}); {fix}, or set train.make_vocab_size_divisible_by")
+                              f"{vocab_size} to {padded} (make_vocab_size_divisible_by "
+                              f"{t.make_vocab_size_divisible_by} x tp {t.parallel.tp}); {fix}, or set "
+                              f"train.make_vocab_size_divisible_by")
     return {
         "init": init,
         "model": model,
@@ -211,11 +218,11 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         raise ConfigError(f"train.global_batch_tokens: one step needs {sequences_per_step} sequences of "
                           f"{cfg.train.seq_len} but the mixed train split has only {blocks}")
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    job = {
+    fields = {
         "name": ctx.run_dir.name,
         "work_dir": str(ctx.work_dir),
         "model": plain["model"],
-        "train": plain["train"],
+        "train": TrainSettings.from_dict(plain["train"]),
         "init": cfg.train.init,
         "tokenizer_dir": str(ctx.inputs["tokenizer"]),
         "train_prefix": str(train_prefix),
@@ -226,14 +233,13 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         "global_batch_tokens": cfg.train.global_batch_tokens,
         # a checkpoint may only be resumed by a run on the same data and the same model
         "data_fingerprint": ctx.upstream["mix"],
-        "model_fingerprint": hashlib.sha256(canonical_json(
-            {"model": plain["model"], "init": cfg.train.init, "tokenizer": ctx.upstream["tokenizer"]}).encode()).hexdigest(),
+        "model_fingerprint": hashlib.sha256(canonical_json({
+            "model": plain["model"], "init": cfg.train.init, "tokenizer": ctx.upstream["tokenizer"],
+        }).encode()).hexdigest(),
         **BACKEND_JOBS[cfg.train.backend](cfg, data, vocab_size),
     }
     job_path = ctx.work_dir / "job.json"
-    tmp = job_path.with_suffix(".tmp")  # other nodes read it as soon as it exists
-    tmp.write_text(json.dumps(job, indent=2))
-    os.replace(tmp, job_path)
+    TrainJob(**fields).write(job_path)  # other nodes read it as soon as it exists
     # 2,048 tokens/step = 4 micro x 128 seq x 2 data-parallel ranks x 2 accumulation (tiny_cpu), for example
     par = cfg.train.parallel
     layout = f" (tp {par.tp} x pp {par.pp} x dp {data_parallel_size(cfg)})" if cfg.train.backend == "megatron" else ""
@@ -249,7 +255,8 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     # The ranks write into a pipe; tell them whether it ends on a terminal, so they draw a progress bar.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": "1" if sys.stderr.isatty() else ""}
     port = launch.free_port()
-    cmd = launch.command(cfg.launcher, ENTRIES[cfg.train.backend], job_path, port, ctx.work_dir / "launcher_logs" / "node0")
+    cmd = launch.command(cfg.launcher, ENTRIES[cfg.train.backend], job_path, port,
+                         ctx.work_dir / "launcher_logs" / "node0")
     log.info("launch: %s", " ".join(cmd))
     clear_shm_segments(port)
     try:
@@ -261,3 +268,37 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         raise StageError(f"training exited with status {rc}; rerun resumes from the last complete checkpoint.\n"
                          + launch.failure_report(launch.node_logs(ctx.work_dir, nodes)))
     return json.loads((ctx.work_dir / "train_summary.json").read_text())
+
+
+# ----------------------------------------------------------------------------- nodes other than 0
+
+def join_training(runner, launcher, poll_seconds: float = 1.0) -> int:
+    """Node N > 0 of a multi-node torchrun launch. The driver on node 0 runs every stage; this node waits
+    for the train stage's job (same fingerprint, on the shared run dir), starts its torchrun agent for
+    it, and returns the agent's exit status. The c10d rendezvous is where the nodes meet."""
+    plan = {item.stage.name: item for item in runner.plan()}
+    fingerprint = plan["train"].fingerprint
+    partial = runner.run_dir / "train.partial"
+    rank = launch.node_rank(launcher)
+    deadline = time.monotonic() + launcher.join_timeout
+    log.info("node %d: waiting for node 0 to start training in %s", rank, partial)
+    while True:
+        done = runner.manifest("train")
+        if done and done.get("fingerprint") == fingerprint:
+            log.info("node %d: training is already complete", rank)
+            return 0
+        marker, job_path = partial / ".fingerprint", partial / "job.json"
+        if marker.is_file() and marker.read_text() == fingerprint and job_path.is_file():
+            break
+        if time.monotonic() > deadline:
+            raise ConfigError(f"launcher.join_timeout: node 0 did not start training in {launcher.join_timeout} s "
+                              f"(no {job_path} for this config); is it running with the same config and run_dir?")
+        time.sleep(poll_seconds)
+    backend = TrainJob.load(job_path).train.backend
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": ""}
+    cmd = launch.command(launcher, ENTRIES[backend], job_path, 0, partial / "launcher_logs" / f"node{rank}", env)
+    rc = launch.run_logged(cmd, partial / f"train_node{rank}.log", env)
+    if rc != 0:
+        log.error("node %d: training failed (exit %d):\n%s", rank, rc,
+                  launch.failure_report([partial / f"train_node{rank}.log"]))
+    return rc

@@ -3,9 +3,9 @@
 megatron-core 0.16 is written for GPUs: it uses `torch.cuda.current_device()` as a device, keeps
 CUDA RNG states in its tensor-parallel RNG tracker, calls `torch.cuda.synchronize()` and
 `Tensor.cuda()`, creates some tensors with `device="cuda"` and sorts parameters by CUDA type names.
-`install()` points all of these at the CPU. It is called by the megatron entry point only when `torch.cuda.is_available()` is False,
-so GPU runs never touch it. What needs redirecting, and why, is listed in
-shared/notes/megatron-core-cpu.md.
+`install()` points all of these at the CPU. It is called by the megatron entry point (and the tools that
+build its model: pipeline/convert/verify.py) only when `torch.cuda.is_available()` is False,
+so GPU runs never touch it. Each redirection below says what it is for.
 """
 from __future__ import annotations
 

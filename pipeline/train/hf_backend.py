@@ -1,0 +1,237 @@
+"""The HF backend: transformers.Trainer (+ DeepSpeed ZeRO) over the mixed .bin as seq_len blocks.
+pipeline/train/hf_entry.py runs `train` on every rank.
+
+Checkpoints are `checkpoint-<step>/` under the job's work dir; one counts only once its
+PIPELINE_COMPLETE.json exists, written by rank 0 after every rank has saved, so a kill during a save
+leaves a checkpoint that resume ignores. The marker records every file's sha256. DeepSpeed unpickles
+its files in full on resume, so a resume first scans them for what they import (only DeepSpeed's own
+classes pass) and checks the recorded hashes (check_resumable).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Union
+
+from pipeline import safeload
+from pipeline.formats.checkpoints import COMPLETE
+from pipeline.models.hf_config import model_config
+from pipeline.train import tracking
+from pipeline.train.blocks import BlockDataset
+from pipeline.train.checkpoints import check_identity, remove_half_written, resolve_precision
+from pipeline.train.job import TrainJob
+
+LOG = "train_log.jsonl"  # one JSON line per logged step, rank 0, appended across resumes
+# train.tracker -> the Trainer's report_to; swanlab is logged by swanlab_callback() instead
+REPORT_TO = {"none": [], "swanlab": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"]}
+
+
+def last_complete_checkpoint(ckpt_dir: Path, identity: Dict[str, str]) -> Optional[Path]:
+    """Newest checkpoint with a completion marker; refuses one made for other data or another model."""
+    done = sorted((p for p in ckpt_dir.glob("checkpoint-*") if (p / COMPLETE).is_file()),
+                  key=lambda p: int(p.name.split("-")[1]))
+    if not done:
+        return None
+    check_identity(json.loads((done[-1] / COMPLETE).read_text()), identity, done[-1])
+    return done[-1]
+
+
+def check_resumable(ckpt: Path) -> None:
+    """DeepSpeed unpickles a checkpoint's ZeRO files in full on resume (they may run code): each is scanned
+    for what it imports first, and compared with the sha256 its completion marker records. The Trainer
+    reads its own files (rng_state, scheduler, optimizer) with weights_only=True."""
+    marker = ckpt / COMPLETE
+    saved = json.loads(marker.read_text()) if marker.is_file() else {}
+    try:
+        safeload.check_deepspeed(ckpt, saved.get("sha256") if isinstance(saved, dict) else None, COMPLETE)
+    except safeload.ConversionError as e:
+        raise SystemExit(str(e)) from None
+
+
+def build_model(job: Union[TrainJob, Mapping]):
+    """From the init checkpoint (continued pretraining) or from the config (from scratch), seeded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    job = TrainJob.of(job)
+    torch.manual_seed(job.train.seed)
+    if job.init:
+        return AutoModelForCausalLM.from_pretrained(job.init, torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(model_config(job.model, job.vocab_size, job.eod_id))
+
+
+def training_arguments(job: Union[TrainJob, Mapping], precision: str, cuda: bool, report_to: list):
+    """The TrainingArguments the job's settings stand for (bench/train_hf.py uses the same)."""
+    from transformers import TrainingArguments
+
+    job = TrainJob.of(job)
+    t = job.train
+    return TrainingArguments(
+        output_dir=str(job.out / "checkpoints"),
+        run_name=job.name,
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=job.grad_accumulation,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
+        warmup_steps=t.warmup_ratio,  # < 1 means a fraction of the run
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.grad_clip,
+        eval_strategy="steps",
+        eval_steps=t.eval_every,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        # the Trainer prunes to the newest keep_checkpoints itself, and keeps the best by eval loss too
+        save_total_limit=t.keep_checkpoints,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=t.logging_steps,
+        report_to=report_to,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        deepspeed=job.deepspeed or None,
+        dataloader_num_workers=0,
+        # every parameter gets a gradient in these models; the default (True) walks the autograd
+        # graph again each step: +15% step time on the tiny model (bench/train_hf.py)
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not tracking.show_progress(),
+    )
+
+
+def pipeline_callback(job: TrainJob):
+    """Tokens seen and tokens/s in every log; completion markers on checkpoints; the step log file.
+    Its `resume` is the checkpoint the run resumes from, set once chosen."""
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    tokens_per_step, ckpt_dir = job.global_batch_tokens, job.out / "checkpoints"
+
+    class PipelineCallback(TrainerCallback):
+        def __init__(self):
+            self.last_time, self.last_step = time.time(), 0
+            self.resume: Optional[Path] = None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs is None:
+                return
+            now = time.time()
+            logs["tokens_seen"] = state.global_step * tokens_per_step
+            if state.global_step > self.last_step:
+                logs["tokens_per_second"] = round((state.global_step - self.last_step) * tokens_per_step
+                                                  / max(now - self.last_time, 1e-9), 1)
+                self.last_time, self.last_step = now, state.global_step
+            if state.is_world_process_zero:
+                with open(job.out / LOG, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+        def on_train_begin(self, args, state, control, **kw):
+            # The Trainer has loaded the checkpoint's state by now, and with it the old run's logging
+            # interval: a how-only key must take effect on resume, so the intervals come from args again.
+            state.compute_steps(args, state.max_steps)
+            if self.resume and state.is_world_process_zero:
+                print(f"resuming from {self.resume.name}, step {state.global_step} of {state.max_steps}", flush=True)
+
+        def on_save(self, args, state, control, **kw):
+            if dist.is_initialized():
+                dist.barrier()  # every rank has written its shards
+            if state.is_world_process_zero:
+                ckpt = ckpt_dir / f"checkpoint-{state.global_step}"
+                tmp = ckpt / (COMPLETE + ".tmp")
+                # a resume checks what it unpickles against these (check_resumable): corruption
+                hashes = safeload.file_hashes(ckpt, skip=(COMPLETE, tmp.name))
+                tmp.write_text(json.dumps({"step": state.global_step, **job.identity, "sha256": hashes}))
+                os.replace(tmp, ckpt / COMPLETE)
+
+    return PipelineCallback()
+
+
+def swanlab_callback(job: TrainJob):
+    """Rank 0 logs to swanlab (pipeline/train/tracking.py). Not transformers' own SwanLabCallback: in
+    transformers 5 it calls swanlab.get_run(), which swanlab 0.10 turned from "None if no run" into an
+    exception."""
+    from transformers import TrainerCallback
+
+    class SwanlabCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.run = tracking.swanlab_run(job)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                self.run.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=state.global_step)
+
+        def finish(self):  # after the final evaluation, which logs past on_train_end
+            if getattr(self, "run", None) is not None:
+                self.run.finish()
+
+    return SwanlabCallback()
+
+
+def choose_resume(job: TrainJob, ckpt_dir: Path) -> Optional[Path]:
+    """train.resume_from (checked like the newest would be), else the newest complete checkpoint."""
+    if job.train.resume_from:
+        resume = Path(job.train.resume_from)
+        if (resume / COMPLETE).is_file():
+            check_identity(json.loads((resume / COMPLETE).read_text()), job.identity, resume)
+        return resume
+    return last_complete_checkpoint(ckpt_dir, job.identity) if ckpt_dir.exists() else None
+
+
+def train(job: TrainJob) -> None:
+    """This rank's part of the run: train, evaluate, save the best model and (rank 0) the summary."""
+    import torch
+    import torch.distributed as dist
+    from transformers import Trainer
+
+    t, out = job.train, job.out
+    ckpt_dir = out / "checkpoints"
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(t.precision)
+
+    model = build_model(job)
+    train_ds = BlockDataset(job.train_prefix, t.seq_len)
+    valid_ds = BlockDataset(job.valid_prefix, t.seq_len)
+    tokens_per_step = job.global_batch_tokens
+    progress = pipeline_callback(job)
+    swan = swanlab_callback(job) if t.tracker == "swanlab" else None
+    callbacks = [progress] + ([swan] if swan else [])
+    args = training_arguments(job, precision, cuda, report_to=REPORT_TO[t.tracker])
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, callbacks=callbacks)
+    resume = progress.resume = choose_resume(job, ckpt_dir)
+    if resume:
+        check_resumable(resume)  # on every rank, before any of them unpickles it
+    if rank == 0:  # checkpoints a kill left half-written are never read
+        remove_half_written(ckpt_dir, "hf")
+    # read now: the checkpoint may be pruned (keep_checkpoints) by the end of the run
+    resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else None
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics = trainer.evaluate()
+    if swan:
+        swan.finish()
+    trainer.save_model(str(out / "hf"))  # the best checkpoint's weights (load_best_model_at_end)
+    if rank == 0:
+        for f in Path(job.tokenizer_dir).iterdir():  # every tokenizer file, vocab.json/merges.txt included
+            if f.is_file() and f.name not in ("MANIFEST.json", "pipeline_tokenizer.json"):
+                shutil.copy2(f, out / "hf" / f.name)
+        model.generation_config.save_pretrained(str(out / "hf"))
+        summary = {"train_loss": result.training_loss, "eval_loss": metrics["eval_loss"],
+                   "steps": trainer.state.global_step, "tokens_seen": trainer.state.global_step * tokens_per_step,
+                   "resumed_from": resume.name if resume else None,
+                   "resumed_step": resume_step,
+                   "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
+                   "precision": precision, "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()  # without it gloo's threads abort the process at exit

@@ -1,0 +1,64 @@
+"""The megatron backend's data: megatron-core's GPTDataset over the mixed .bin/.idx, and this rank's
+micro batches of each global batch in Megatron's pretraining sampler order."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Union
+
+import torch
+import torch.distributed as dist
+
+from pipeline.train.job import TrainJob
+
+
+class _TokenizerInfo:
+    """What GPTDataset needs of a tokenizer: the EOD id (for masks) and the vocabulary size."""
+
+    def __init__(self, eod: int, vocab_size: int):
+        self.eod, self.vocab_size, self.unique_identifiers = eod, vocab_size, {"eod": eod, "vocab": vocab_size}
+
+
+def build_datasets(job: Union[TrainJob, Mapping], train_samples: int, valid_samples: int):
+    """megatron-core's GPTDataset over the mixed train/valid .bin/.idx (one blend entry per split).
+    A split asked for more samples than it holds is walked again in a new shuffled order."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    job = TrainJob.of(job)
+    t = job.train
+    config = GPTDatasetConfig(
+        random_seed=t.seed, sequence_length=t.seq_len,
+        blend_per_split=[([job.train_prefix], None), ([job.valid_prefix], None) if valid_samples else None, None],
+        tokenizer=_TokenizerInfo(job.eod_id, job.vocab_size),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=True,  # an explicit causal mask: megatron's default one is built on CUDA
+        path_to_cache=str(Path(job.work_dir) / "dataset_cache"),
+    )
+    # every rank reads its own micro batches; rank 0 builds the index caches first, the others then load them
+    build = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build
+    if dist.get_rank() == 0:
+        train, valid, _ = build()
+    dist.barrier()
+    if dist.get_rank() != 0:
+        train, valid, _ = build()
+    return train, valid
+
+
+class MicroBatches:
+    """This rank's micro batches of a global batch: Megatron's pretraining sampler order.
+
+    Global batch `step` holds samples [step*G, (step+1)*G); micro batch m gives data-parallel rank r
+    the samples step*G + m*(mbs*dp) + r*mbs + [0, mbs). The position is the step, so resume is exact.
+    """
+
+    def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp: int):
+        self.dataset, self.global_batch = dataset, global_batch
+        self.micro_batch, self.dp_rank, self.dp = micro_batch, dp_rank, dp
+
+    def batch(self, step: int):
+        """An iterator over this rank's micro batches of global batch `step`."""
+        start = step * self.global_batch + self.dp_rank * self.micro_batch
+        for m in range(self.global_batch // (self.micro_batch * self.dp)):
+            first = start + m * self.micro_batch * self.dp
+            samples = [self.dataset[i] for i in range(first, first + self.micro_batch)]
+            yield {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

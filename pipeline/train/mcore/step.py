@@ -1,0 +1,145 @@
+"""The megatron backend's steps: optimizer and LR schedule, one micro batch's forward and loss, a global
+batch through megatron-core's pipeline schedule (train or eval), and rank 0's step log."""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from pipeline.train import tracking
+from pipeline.train.job import TrainJob
+from pipeline.train.mcore.data import MicroBatches
+
+LOG = "train_log.jsonl"  # one JSON line per logged step, rank 0, appended across resumes
+
+
+def build_optimizer(job: TrainJob, config, model: List[torch.nn.Module], precision: str):
+    """megatron-core's (distributed) Adam and Megatron-LM's schedule: cosine from lr to lr x min_lr_ratio
+    after a linear warmup; steps here are optimizer steps."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = job.train
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.lr * t.min_lr_ratio, weight_decay=t.weight_decay,
+        adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=t.grad_clip, bf16=precision == "bf16",
+        fp16=precision == "fp16", params_dtype=config.params_dtype,
+        use_distributed_optimizer=t.parallel.distributed_optimizer), model)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.lr * t.min_lr_ratio, lr_warmup_steps=job.warmup_steps,
+        lr_decay_steps=job.total_steps, lr_decay_style="cosine", start_wd=t.weight_decay, end_wd=t.weight_decay,
+        wd_incr_steps=job.total_steps, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def forward_step(data_iterator, model):
+    """One micro batch through this chunk; the loss closure runs on the last pipeline stage."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+
+    def loss_func(output_tensor):
+        mask = batch["loss_mask"].float().view(-1)
+        loss_sum = (output_tensor.float().view(-1) * mask).sum()
+        tokens = mask.sum().to(torch.int)
+        return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
+
+    return output, loss_func
+
+
+def run_batches(model, batches, num_microbatches: int, job: TrainJob, forward_only: bool) -> torch.Tensor:
+    """forward(+backward) of one global batch through the pipeline schedule; returns [loss sum, tokens]
+    summed over the whole world (every rank gets the same numbers)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    iterators = batches if len(model) > 1 else batches[0]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators, model=model if len(model) > 1 else model[0],
+        num_microbatches=num_microbatches, seq_length=job.train.seq_len, micro_batch_size=job.train.micro_batch_size,
+        forward_only=forward_only)
+    total = torch.zeros(2, dtype=torch.float64)
+    for item in losses:  # only the last pipeline stage has them
+        total += item["lm loss"].double().cpu()
+    # every tensor-parallel rank of the last stage holds the same numbers: count them once
+    if ps.get_tensor_model_parallel_rank() != 0:
+        total.zero_()
+    dist.all_reduce(total)
+    return total
+
+
+def train_step(model, optimizer, scheduler, batches: MicroBatches, step: int, num_micro: int, job: TrainJob):
+    """One optimizer step on global batch `step`; returns ([loss sum, tokens], grad norm)."""
+    for c in model:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    # each chunk walks the same micro batches: the schedule feeds the first (and, for labels, the last)
+    total = run_batches(model, [batches.batch(step) for _ in model], num_micro, job, False)
+    updated, grad_norm, _ = optimizer.step()
+    if updated:  # an fp16 overflow skips the step, and the schedule waits with it (as Megatron-LM does)
+        scheduler.step(increment=1)
+    return total, grad_norm
+
+
+def evaluate(model, batches: MicroBatches, steps: int, num_micro: int, job: TrainJob) -> Optional[float]:
+    """Mean loss per token over the first `steps` global batches of the valid split; None for none."""
+    if not steps:
+        return None
+    for c in model:
+        c.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for step in range(steps):
+            total += run_batches(model, [batches.batch(step) for _ in model], num_micro, job, True)
+    for c in model:
+        c.train()
+    return float(total[0] / total[1])
+
+
+class StepLog:
+    """Rank 0: the step log file, the tracker (swanlab local by default) and a progress bar."""
+
+    def __init__(self, job: TrainJob, total_steps: int, start: int):
+        self.out = job.out
+        self.active = dist.get_rank() == 0
+        self.tracker = None
+        self.bar = None
+        if not self.active:
+            return
+        name = job.train.tracker
+        if name == "swanlab":
+            self.tracker = tracking.swanlab_run(job)
+        elif name == "wandb":
+            self.tracker = tracking.wandb_run(job)
+        elif name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tracker = SummaryWriter(str(self.out / "tensorboard"))
+        if tracking.show_progress():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, row: Dict[str, float]) -> None:
+        if not self.active:
+            return
+        with open(self.out / LOG, "a") as f:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+        if self.tracker is not None and hasattr(self.tracker, "add_scalar"):
+            for k, v in row.items():
+                self.tracker.add_scalar(k, v, step)
+        elif self.tracker is not None:
+            self.tracker.log(row, step=step)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss")})
+        else:
+            print(json.dumps({"step": step, **{k: round(v, 6) for k, v in row.items()}}), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tracker is not None:
+            (getattr(self.tracker, "finish", None) or self.tracker.close)()
