@@ -11,7 +11,7 @@ IMAGE      ?= pretrain-pipeline
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup pretrain test test-faults bench docker clean
+.PHONY: setup pretrain lint test test-fast test-faults bench docker clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,16 @@ $(STAMP): pyproject.toml
 pretrain: $(STAMP)
 	$(BIN)/pipeline run experiment=$(EXPERIMENT) $(if $(LAUNCHER),launcher=$(LAUNCHER)) $(ARGS)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests bench
+
+# everything, as CI runs it (~20 min on 2 cores)
+test: lint
 	$(BIN)/python -m pytest -q tests $(ARGS)
+
+# the fast tier, for a developer's loop (tests/unit, ~2 min on 2 cores)
+test-fast: lint
+	$(BIN)/python -m pytest -q tests/unit $(ARGS)
 
 # kill -9 every stage at 20 seeded points, rerun, compare with an uninterrupted run; prints a table (~1 h)
 test-faults: $(STAMP)

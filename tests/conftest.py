@@ -13,6 +13,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_collection_modifyitems(items):
+    """tests/unit: the fast tier (`make test-fast`, `-m unit`); the rest, end to end (`-m e2e`)."""
+    for item in items:
+        item.add_marker(pytest.mark.unit if UNIT in Path(item.fspath).resolve().parents else pytest.mark.e2e)
 SAMPLE = REPO / "data" / "sample"
 SOURCES = ("web", "code", "math")
 DATA_ONLY = ("--only", "tokenizer,tokenize,mix")  # the data stages, without training
@@ -90,3 +97,31 @@ def log_losses(run_dir):
 
 def read_bytes(prefix: Path) -> tuple:
     return Path(f"{prefix}.bin").read_bytes(), Path(f"{prefix}.idx").read_bytes()
+
+
+def tiny_hf(family: str, path, **overrides):
+    """A 2-layer random HF model with real head geometry (GQA where the family has it), biases random
+    so that bias mappings are exercised."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    model = {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**{**common, **overrides})),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})),
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                                   **overrides)),
+    }[family]()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    model.save_pretrained(path)
+    return path
+
+
+def convert(*pairs):
+    """`pipeline convert key=value ...` in a subprocess."""
+    return cli_subprocess("convert", *pairs)

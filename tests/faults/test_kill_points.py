@@ -1,5 +1,5 @@
 """A few seeded kill -9 points per stage (make test); `make test-faults` runs 20 a stage and prints the table.
-The training stages' kill -9 resumes are also in tests/test_train_hf.py and tests/test_train_megatron.py."""
+The training stages' kill -9 resumes are also in tests/e2e/test_train_hf.py and tests/e2e/test_train_megatron.py."""
 import pytest
 
 import kill_points

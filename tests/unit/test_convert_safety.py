@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from conftest import cli
-from test_convert import tiny_hf
+from conftest import cli, tiny_hf
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +123,8 @@ def test_megatron_to_megatron_refuses_a_tp_its_padded_vocab_does_not_divide(tmp_
 @pytest.mark.parametrize("backend", ["hf", "megatron"])
 def test_export_checks_its_tp_against_the_trained_model_first(hf, tmp_path, capsys, backend):
     """From the train stage's output (train/hf, or train/checkpoints as a Megatron checkpoint)."""
-    from pipeline.config import ConfigError
     from pipeline.convert.stage import check_export_layout
+    from pipeline.errors import ConfigError
 
     train = tmp_path / "train"
     if backend == "hf":
@@ -244,7 +243,8 @@ def test_preprocess_keeps_a_scratch_dir_it_did_not_make_and_outputs_out_of_its_i
 def test_the_runner_never_replaces_a_stage_dir_it_did_not_write(tmp_path):
     from omegaconf import OmegaConf
 
-    from pipeline.runner import MANIFEST, Runner, Stage, StageError
+    from pipeline.errors import StageError
+    from pipeline.runner import MANIFEST, Runner, Stage
 
     def run(ctx):
         (ctx.work_dir / "made.txt").write_text("by the stage")

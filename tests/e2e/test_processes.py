@@ -16,11 +16,13 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import DATA_ONLY, cli, cli_subprocess, copy_data_stages, fast_overrides, read_bytes
 from pipeline import launch
 from pipeline.config import compose
-from pipeline.data.sources import DataError
-from pipeline.runner import LOCK_STALE, RunLock, Runner, Stage, StageError
+from pipeline.errors import DataError, StageError
+from pipeline.lock import LOCK_STALE, RunLock
+from pipeline.runner import Runner, Stage
+
+from conftest import DATA_ONLY, cli, cli_subprocess, copy_data_stages, fast_overrides, read_bytes
 from test_launch import rank_process
 from test_train_megatron import LAYOUTS, train_args
 
@@ -238,7 +240,8 @@ def test_a_full_disk_leaves_no_empty_lock_and_torch_save_is_named(unshare, tmp_p
     run_dir.mkdir()
     code = "\n".join([
         "import torch", "from pathlib import Path",
-        "from pipeline.runner import RunLock, StorageError, storage_errors",
+        "from pipeline.errors import StorageError", "from pipeline.files import storage_errors",
+        "from pipeline.lock import RunLock",
         f"run_dir = Path('{run_dir}')",
         "try:", "    RunLock(run_dir).__enter__()", "except StorageError as e:", "    print(e)",
         "try:", "    with storage_errors(run_dir):", "        torch.save(torch.zeros(100000), run_dir / 'model.pt')",

@@ -6,14 +6,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import SOURCES, cli, fast_overrides
-from pipeline.data.indexed import IndexedReader
 from pipeline.data.mix import mix
+from pipeline.formats.indexed import IndexedReader
+
+from conftest import SOURCES, cli, fast_overrides
 
 
 def mix_cfg(**kw):
-    base = dict(weights={"web": 0.6, "code": 0.3, "math": 0.1}, by="tokens", stopping="first_exhausted",
-                total_tokens=None, valid_fraction=0.02, valid_tokens=None, seed=42)
+    base = {"weights": {"web": 0.6, "code": 0.3, "math": 0.1}, "by": "tokens", "stopping": "first_exhausted",
+            "total_tokens": None, "valid_fraction": 0.02, "valid_tokens": None, "seed": 42}
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -81,7 +82,7 @@ def test_zero_weight_source_is_excluded(base_run, tmp_path):
 
 
 def test_a_weighted_source_with_no_tokens_is_an_error_naming_it(base_run, tmp_path):
-    from pipeline.data.indexed import IndexedWriter
+    from pipeline.formats.indexed import IndexedWriter
 
     IndexedWriter(tmp_path / "empty", IndexedReader(base_run / "tokenize" / "web").dtype).finish()
     inputs = {"web": base_run / "tokenize" / "web", "code": tmp_path / "empty", "math": base_run / "tokenize" / "math"}
@@ -99,8 +100,8 @@ def test_a_weight_that_is_not_a_finite_non_negative_number_is_a_config_error_nam
 
 
 def test_sources_of_different_token_dtypes_are_a_data_error_naming_the_files(base_run, tmp_path):
-    from pipeline.data.indexed import IndexedWriter
-    from pipeline.data.sources import DataError
+    from pipeline.errors import DataError
+    from pipeline.formats.indexed import IndexedWriter
 
     writer = IndexedWriter(tmp_path / "wide", np.int32)
     writer.add(np.arange(10), np.array([4, 6]))

@@ -6,7 +6,6 @@ wrote, a legacy `mp_rank_*/model_optim_rng.pt`, an object DCP stores as bytes in
 DeepSpeed `*_model_states.pt`. Each read is refused naming the file, and the marker never appears.
 The conversions run in-process on a tiny random Llama (no megatron-core); the megatron backend's own
 loader runs once, in a subprocess (megatron-core is not imported into the test process). About 15 s."""
-import io
 import json
 import os
 import pickle
@@ -19,15 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.metadata import StorageMeta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch.distributed.checkpoint.metadata import StorageMeta
 
-from conftest import REPO, cli
-from test_convert import tiny_hf
 from pipeline import safeload
-from pipeline.convert.mapping import ConversionError
-from pipeline.train.checkpoints import COMPLETE
+from pipeline.errors import ConversionError
+from pipeline.formats.checkpoints import COMPLETE
+
+from conftest import REPO, cli, tiny_hf
 
 ITER = "iter_0000000"
 
@@ -133,12 +132,13 @@ def dcp_with_object(ckpt: Path, obj, converted) -> Path:
 MEGATRON_LOADS = """
 import json, sys
 from pathlib import Path
-from pipeline.train import megatron_entry as me
+from pipeline.formats.checkpoints import iteration_dir
+from pipeline.train.mcore import checkpoint as me
 
 out = {}
 for ckpt in sys.argv[1:]:
     try:  # the check runs before the model is touched: no model is needed to be refused
-        me.load_checkpoint(me.iteration_dir(Path(ckpt), 0), None, None, None, {})
+        me.load_checkpoint(iteration_dir(Path(ckpt), 0), None, None, None, {})
         out[ckpt] = "loaded"
     except SystemExit as e:
         out[ckpt] = str(e)
@@ -148,7 +148,7 @@ print("RESULT " + json.dumps(out))
 
 def test_the_megatron_backend_checks_what_megatron_core_would_unpickle_before_loading(converted, tmp_path):
     """Resume and train.init (load_checkpoint) and the stage's read of the init checkpoint's args."""
-    from pipeline.train.megatron_entry import read_checkpoint_args
+    from pipeline.train.mcore.checkpoint import read_checkpoint_args
 
     marker = tmp_path / "ran"
     cases = {"metadata": copy(converted, "dist", tmp_path), "common": tmp_path / "common"}
@@ -231,7 +231,7 @@ def changed_since_written(ckpt, marker):  # plain data, but not what was written
 @pytest.mark.parametrize("change", [payload_states, unrecorded_file, forged_marker, latest_elsewhere,
                                     changed_since_written])
 def test_an_hf_resume_refuses_what_deepspeed_would_unpickle_unsafely(tmp_path, change):
-    from pipeline.train.hf_entry import check_resumable
+    from pipeline.train.hf_backend import check_resumable
 
     ckpt, marker = hf_checkpoint(tmp_path / "checkpoint-4"), tmp_path / "ran"
     check_resumable(ckpt)  # as written: resumes
@@ -243,7 +243,7 @@ def test_an_hf_resume_refuses_what_deepspeed_would_unpickle_unsafely(tmp_path, c
 
 
 def test_an_hf_checkpoint_from_before_the_hashes_still_resumes(tmp_path):
-    from pipeline.train.hf_entry import check_resumable
+    from pipeline.train.hf_backend import check_resumable
 
     ckpt = hf_checkpoint(tmp_path / "checkpoint-4")
     saved = json.loads((ckpt / COMPLETE).read_text())
@@ -258,7 +258,7 @@ def test_a_real_deepspeed_optimizer_state_passes_the_scan(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from pipeline.train.hf_entry import check_resumable
+    from pipeline.train.hf_backend import check_resumable
 
     ckpt = hf_checkpoint(tmp_path / "checkpoint-4")
     torch.save({"zero_stage": ZeroStageEnum.gradients, "loss_scaler": LossScaler(1.0),
@@ -268,7 +268,7 @@ def test_a_real_deepspeed_optimizer_state_passes_the_scan(tmp_path):
 
 
 def test_an_hf_resume_refuses_a_symlinked_dir_it_cannot_check(tmp_path):
-    from pipeline.train.hf_entry import check_resumable
+    from pipeline.train.hf_backend import check_resumable
 
     ckpt = hf_checkpoint(tmp_path / "checkpoint-4")
     shutil.move(ckpt / "global_step4", tmp_path / "elsewhere")

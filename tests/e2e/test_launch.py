@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, cli, cli_subprocess, copy_data_stages, fast_overrides
 from pipeline import launch
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
+
+from conftest import REPO, cli, cli_subprocess, copy_data_stages, fast_overrides
 
 TRAIN = ("--only", "import,train")
 QUICK = ("train.tracker=none", "train.max_steps=4", "train.save_every=2", "train.eval_every=2")
@@ -164,7 +165,8 @@ def rank_process(rank: int, job: Path):
             environ = (proc / "environ").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if str(job).encode() in cmdline and f"RANK={rank}".encode() in environ and b"torch.distributed.run" not in cmdline:
+        launcher = b"torch.distributed.run" in cmdline
+        if str(job).encode() in cmdline and f"RANK={rank}".encode() in environ and not launcher:
             return int(proc.name)
     return None
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from pipeline.data.indexed import IndexedReader, IndexedWriter, token_dtype
+from pipeline.formats.indexed import IndexedReader, IndexedWriter, token_dtype
 
 
 @pytest.mark.parametrize("vocab_len", [4096, 100_000])

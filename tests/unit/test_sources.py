@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DATA_ONLY, cli, cli_subprocess, fast_overrides
 from pipeline.config import SourceConfig
-from pipeline.data.indexed import IndexedReader
 from pipeline.data.sources import RecordSink, RecordStats, first_documents, plan_shards, read_shard
+from pipeline.formats.indexed import IndexedReader
+
+from conftest import DATA_ONLY, cli, cli_subprocess, fast_overrides
 
 GOOD = [f"document number {i}: some words to tokenize." for i in range(20)]
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SOURCES, cli_subprocess, fast_overrides, read_bytes
 from pipeline.launch import free_port
+
+from conftest import SOURCES, cli_subprocess, fast_overrides, read_bytes
 
 RAY = Path(sys.executable).with_name("ray")
 ONLY_TOKENIZE = ("--only", "tokenizer,tokenize")

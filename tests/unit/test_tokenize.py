@@ -6,24 +6,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-
-from types import SimpleNamespace
-
 from omegaconf import OmegaConf
 
-from conftest import SOURCES, cli, cli_subprocess, fast_overrides, read_bytes
 from pipeline.config import compose
 from pipeline.data import encoders
-from pipeline.data.indexed import IndexedReader, token_dtype
 from pipeline.data.sources import plan_shards
 from pipeline.data.tokenize import Job, encode_shard
+from pipeline.formats.indexed import IndexedReader, token_dtype
 from pipeline.runner import Runner
 from pipeline.stages import STAGES
+
+from conftest import SAMPLE, SOURCES, cli, cli_subprocess, fast_overrides, read_bytes
 
 
 def test_tokenize_output_is_the_same_bytes_for_one_and_two_workers(corpus, base_run, tmp_path):
@@ -95,7 +94,7 @@ def test_huge_document_is_split_exactly_and_quickly(tokenizer_dir, tmp_path):
     """A 20 MB document encodes in pieces cut at line starts: same ids as HF on the whole text
     (checked on a 2 MB prefix, which HF can still encode whole), and linear time."""
     import gzip
-    texts = [json.loads(line)["text"] for line in gzip.open(Path(__file__).parent.parent / "data/sample/web.jsonl.gz")]
+    texts = [json.loads(line)["text"] for line in gzip.open(SAMPLE / "web.jsonl.gz")]
     doc = "\n".join(texts)
     hf = encoders.HFEncoder(tokenizer_dir / "tokenizer.json", add_special_tokens=True)
     assert encoders.splitting_is_exact(hf, texts)

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.errors import DataError
+from pipeline.formats.indexed import HEADER_BYTES, IndexedReader, IndexedWriter
+
 from conftest import cli, copy_data_stages, fast_overrides
-from pipeline.data.indexed import HEADER_BYTES, IndexedReader, IndexedWriter
-from pipeline.data.sources import DataError
 
 MIX = ("--only", "mix", "--force", "mix")
 TRAIN = ("--only", "import,train")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_subprocess, copy_data_stages, fast_overrides, kill_tree, log_losses
-from pipeline.data.indexed import IndexedReader
+from pipeline.formats.indexed import IndexedReader
 from pipeline.train.blocks import BlockDataset
+
+from conftest import cli_subprocess, copy_data_stages, fast_overrides, kill_tree, log_losses
 
 TRAIN = ("--only", "import,train")
 QUICK = ("train.tracker=none", "train.logging_steps=1")
@@ -62,12 +63,14 @@ def make_hf_model(path, vocab):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("train.global_batch_tokens=3000", "train.global_batch_tokens: 3000 tokens is not a multiple of micro_batch_size 4"),
+    ("train.global_batch_tokens=3000",
+     "train.global_batch_tokens: 3000 tokens is not a multiple of micro_batch_size 4"),
     ("model.vocab_size=512", "model.vocab_size: the model has 512 embeddings but the tokenizer has 1024 tokens"),
     ("train.zero_stage=5", "train.zero_stage: must be 0, 1, 2 or 3"),
     ("model.num_key_value_heads=3", "model.num_key_value_heads: 4 attention heads are not divisible by 3"),
     ("train.seq_len=1024", "train.seq_len: 1024 is longer than model.max_position_embeddings 512"),
-    ("train.global_batch_tokens=16777216", "one step needs 131072 sequences of 128 but the mixed train split has only"),
+    ("train.global_batch_tokens=16777216",
+     "one step needs 131072 sequences of 128 but the mixed train split has only"),
     ("init", "train.init: the model has 100 embeddings but the tokenizer has 1024 tokens"),
     ("train.tracker=tensorboard", "train.tracker: tensorboard is not installed; pip install tensorboard"),
 ], ids=lambda v: v.split("=")[0] if "=" in v or v == "init" else "")
@@ -168,7 +171,7 @@ def test_kill_9_mid_training_resumes_with_the_same_losses_as_an_uninterrupted_ru
 
 
 def test_a_checkpoint_for_other_data_or_model_is_refused_and_half_written_ones_ignored(tmp_path):
-    from pipeline.train.hf_entry import COMPLETE, last_complete_checkpoint
+    from pipeline.train.hf_backend import COMPLETE, last_complete_checkpoint
 
     identity = {"data_fingerprint": "d1", "model_fingerprint": "m1"}
     for step, marker in ((4, identity), (8, identity), (12, None)):  # 12: killed while saving
@@ -208,9 +211,9 @@ def test_zero_stages_and_offload_train_to_the_same_loss(corpus, base_run, tmp_pa
     losses = {}
     for stage, offload in ((0, False), (1, False), (3, True)):
         run_dir = copy_data_stages(base_run, tmp_path / f"zero{stage}")
-        result = cli_subprocess("run", *fast_overrides(corpus, run_dir, *QUICK, "train.max_steps=4",
-                                                       "train.eval_every=4", "train.save_every=4",
-                                                       f"train.zero_stage={stage}", f"train.offload={offload}"), *TRAIN)
+        overrides = fast_overrides(corpus, run_dir, *QUICK, "train.max_steps=4", "train.eval_every=4",
+                                   "train.save_every=4", f"train.zero_stage={stage}", f"train.offload={offload}")
+        result = cli_subprocess("run", *overrides, *TRAIN)
         assert result.returncode == 0, result.stderr[-3000:]
         job = json.loads((run_dir / "train" / "job.json").read_text())
         assert job["deepspeed"]["zero_optimization"]["stage"] == stage
