@@ -35,6 +35,18 @@ def how(default: Any = None, *, factory: Any = None) -> Any:
     return field(default=default, metadata=HOW)
 
 
+# Added later. An identity field added after runs exist takes a default that computes what those runs
+# computed, and at that default it is left out of the fingerprint: upgrading the pipeline never makes a
+# finished stage stale (a finished training is never redone for a key it did not have). Any other value
+# is identity as usual.
+ADDED = {"added": True}
+
+
+def added(default: Any) -> Any:
+    """An identity field added after the first runs (see ADDED); `default` must reproduce them."""
+    return field(default=default, metadata=ADDED)
+
+
 class BadRecordPolicy(str, enum.Enum):
     error = "error"  # stop with file:line and the reason
     skip = "skip"  # drop it, count it in the report
@@ -152,6 +164,14 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # added later (see ADDED): at these defaults, a model as before them
+    head_dim: Optional[int] = added(None)  # per attention head; None = hidden_size / num_attention_heads
+    rope_scaling: str = added("none")  # none | linear | llama3 (HF's rope_type)
+    rope_scaling_factor: float = added(1.0)
+    rope_low_freq_factor: float = added(1.0)  # llama3
+    rope_high_freq_factor: float = added(4.0)  # llama3
+    rope_original_max_position_embeddings: Optional[int] = added(None)  # llama3: the pretraining context
+    qk_norm: bool = added(False)  # an RMSNorm on each head's queries and keys (Qwen3)
 
 
 class Recompute(str, enum.Enum):
@@ -293,6 +313,47 @@ def _pop_how(node: Any, parts: List[str], prefix: str, removed: Dict[str, Any]) 
 
 
 HOW_KEYS = how_keys(Config)  # launcher, train.parallel, train.tracker, data.tokenize.workers, ...
+
+
+def added_defaults(schema: Optional[type] = None, prefix: str = "") -> Dict[str, Any]:
+    """{dotted key: default} of the fields marked `added`; `*` stands for any key of a dict field."""
+    schema = schema or Config
+    hints = typing.get_type_hints(schema)
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        key, kind = f"{prefix}{f.name}", hints[f.name]
+        if f.metadata.get("added"):
+            out[key] = f.default.value if isinstance(f.default, enum.Enum) else f.default
+        elif dataclasses.is_dataclass(kind):
+            out.update(added_defaults(kind, key + "."))
+        elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(typing.get_args(kind)[1]):
+            out.update(added_defaults(typing.get_args(kind)[1], key + ".*."))
+    return out
+
+
+ADDED_DEFAULTS = added_defaults(Config)
+
+
+def strip_added_defaults(config: Dict[str, Any]) -> None:
+    """Take the `added` fields still at their default out of `{read key: plain value}`, in place."""
+    for read in list(config):
+        read_parts = read.split(".")
+        for pattern, default in ADDED_DEFAULTS.items():
+            parts = pattern.split(".")
+            if len(parts) <= len(read_parts) or not all(p in ("*", r) for p, r in zip(parts, read_parts)):
+                continue
+            _pop_default(config[read], parts[len(read_parts):], default)
+
+
+def _pop_default(node: Any, parts: List[str], default: Any) -> None:
+    if not isinstance(node, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    for key in (list(node) if head == "*" else [head]):
+        if key in node and rest:
+            _pop_default(node[key], rest, default)
+        elif key in node and node[key] == default:
+            del node[key]
 
 
 def _register() -> None:
@@ -465,6 +526,12 @@ def validate_training(cfg: DictConfig) -> None:
     kv = m.num_key_value_heads or m.num_attention_heads
     _require(m.num_attention_heads % kv == 0, "model.num_key_value_heads",
              f"{m.num_attention_heads} attention heads are not divisible by {kv} key/value heads")
+    for key, default in ADDED_DEFAULTS.items():  # in the schema ahead of the families that use them
+        if key.startswith("model.") and key != "model.head_dim":
+            _require(m[key[6:]] == default, key, f"{m[key[6:]]} is not supported yet by any family; leave it at "
+                     f"{default}")
+    _require(m.head_dim in (None, m.hidden_size // m.num_attention_heads), "model.head_dim",
+             f"{m.head_dim} != hidden_size / num_attention_heads is not supported yet by any family")
     _require(world_size(cfg) >= 1, "launcher.nproc_per_node", "world size must be >= 1")
     if t.backend == "megatron":
         validate_megatron_layout(cfg)

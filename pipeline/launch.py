@@ -281,8 +281,3 @@ def failure_report(logs: List[Path]) -> str:
     head = "\n".join(lines) or "no torchrun failure summary in the logs; see their last lines"
     tail = _log_text(logs[0]).splitlines()[-25:]
     return f"{head}\nLast lines of {logs[0]}:\n" + "\n".join(tail)
-
-
-def node_logs(work_dir: Path, nnodes: int) -> List[Path]:
-    """The driver's train.log, then the other nodes' logs (multi-node torchrun writes them beside it)."""
-    return [work_dir / "train.log"] + [work_dir / f"train_node{n}.log" for n in range(1, nnodes)]

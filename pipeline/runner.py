@@ -15,7 +15,9 @@ On disk, under the run dir:
     .lock                {pid, host, since, stage} of the one process writing this run dir (RunLock)
     config.yaml          the fully resolved config of the last run (`pipeline run --config-from <run dir>`)
     environment.json     what ran it: package versions, the git commit (and whether it was dirty), seeds
-An earlier output stays in place, untouched, until its replacement is complete.
+An earlier output stays in place, untouched, until its replacement is complete. Inside a stage's dir,
+the names that other stages, commands and tools look for are the layout constants below (JOB_FILE,
+CHECKPOINTS, HF_MODEL, ...): named here once, asked for everywhere else.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import integrity
-from pipeline.config import run_dir_of, strip_how, subtree
+from pipeline.config import run_dir_of, strip_added_defaults, strip_how, subtree
 from pipeline.errors import StageError
 from pipeline.files import (
     canonical_json,
@@ -53,9 +55,31 @@ from pipeline.lock import RunLock, lock_state
 log = logging.getLogger("pipeline")
 
 MANIFEST = "MANIFEST.json"
+FINGERPRINT = ".fingerprint"  # in a partial dir: the fingerprint its work is for
 IDENTITY = ".identity.json"  # in a partial dir: what its fingerprint hashed, so a change can be named
 ASIDE = ".restarted-"  # <stage>.restarted-<time>: a partial moved aside by --restart
 SCRATCH = "_scratch"  # inside a work dir: resumable state the stage keeps, dropped before publishing
+# ----------------------------------------------------------------------------- the run-dir layout
+# Inside a stage's dir (or its partial): what more than one module reads or writes.
+JOB_FILE = "job.json"  # train: the TrainJob every rank reads (pipeline/train/job.py)
+CHECKPOINTS = "checkpoints"  # train: the backend's checkpoints (layout: pipeline/formats/checkpoints.py)
+HF_MODEL = "hf"  # train (hf backend), export: an HF model dir, tokenizer files included
+MEGATRON_MODEL = "megatron"  # import, export: a Megatron checkpoint
+STEP_LOG = "train_log.jsonl"  # train: one JSON line per logged step, rank 0, appended across resumes
+SUMMARY = "train_summary.json"  # train: the run's final metrics
+LAUNCHER_LOGS = "launcher_logs"  # train: torchrun's per-rank logs, node<N>/ each
+SWANLOG = "swanlog"  # train: swanlab's local-mode logs (`swanlab watch`)
+
+
+def train_log(work_dir: Path, node: int = 0) -> Path:
+    """A launch's output: node 0's (the driver's) train.log, node N's train_node<N>.log beside it."""
+    return work_dir / ("train.log" if node == 0 else f"train_node{node}.log")
+
+
+def launcher_log_dir(work_dir: Path, node: int) -> Path:
+    return work_dir / LAUNCHER_LOGS / f"node{node}"
+
+
 HASH_LIMIT = 64 * 1024 * 1024  # files above this are identified by size+mtime (inputs) or size (outputs)
 HASH_TOTAL_LIMIT = 1 << 30  # a stage whose inputs add up to more is identified by size+mtime throughout,
 # so a skip check on a 100 GB corpus does not read 100 GB
@@ -187,6 +211,7 @@ class Runner:
         """(fingerprint, the parts it hashes, the how-only values left out of it)."""
         config = {key: subtree(self.cfg, key) for key in stage.reads}
         how = strip_how(config)  # launcher, trackers, logging, workers, layout: see pipeline/config.py
+        strip_added_defaults(config)  # keys added later, at the default that reproduces older runs
         inputs = {}
         if stage.external_inputs:
             paths = tuple(stage.external_inputs(self.cfg))
@@ -291,7 +316,7 @@ class Runner:
         if not (stage.resumable and stage.holds_work and partial.is_dir()):
             return
         recorded = read_json(partial / IDENTITY) or {}
-        if recorded.get("fingerprint") == item.fingerprint or _read_text(partial / ".fingerprint") == item.fingerprint:
+        if recorded.get("fingerprint") == item.fingerprint or _read_text(partial / FINGERPRINT) == item.fingerprint:
             return  # it resumes
         work = stage.holds_work(partial)
         if not work:
@@ -364,7 +389,7 @@ class Runner:
         stage, name = item.stage, item.stage.name
         partial = self.partial_dir(name)
         if partial.exists():
-            resumable = stage.resumable and _read_text(partial / ".fingerprint") == item.fingerprint
+            resumable = stage.resumable and _read_text(partial / FINGERPRINT) == item.fingerprint
             if resumable:
                 log.info("[%s] resuming partial work in %s", name, partial)
             else:
@@ -392,7 +417,7 @@ class Runner:
 
     def _work(self, item: PlanItem, partial: Path) -> None:
         stage, name = item.stage, item.stage.name
-        final, marker = self.stage_dir(name), partial / ".fingerprint"
+        final, marker = self.stage_dir(name), partial / FINGERPRINT
         partial.mkdir(parents=True, exist_ok=True)
         marker.write_text(item.fingerprint)
         write_json_atomic(partial / IDENTITY, {"fingerprint": item.fingerprint, "parts": item.parts, "how": item.how})
@@ -501,7 +526,7 @@ def _describe_outputs(directory: Path) -> Dict[str, Dict[str, Any]]:
     outputs = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = str(path.relative_to(directory))
-        if rel in (".fingerprint", IDENTITY):
+        if rel in (FINGERPRINT, IDENTITY):
             continue
         size = path.stat().st_size
         outputs[rel] = {"size": size, "sha256": sha256_file(path)} if size <= HASH_LIMIT else {"size": size}

@@ -18,7 +18,7 @@ STAGES = [
                                      "train.make_vocab_size_divisible_by", "export.tolerance"),
           run=convert.run_import, external_inputs=convert.import_inputs),
     Stage("train", needs=("tokenizer", "mix", "import"), reads=("model", "train", "launcher", "export.tolerance"),
-          run=train.run, check=train.check, resumable=True, holds_work=train.complete_checkpoints,
+          run=train.run, check=train.check, resumable=True, holds_work=train.held_checkpoints,
           unpinned=train.UNPINNED),
     Stage("export", needs=("train",), reads=("export", "train.backend"), run=convert.run_export),
 ]

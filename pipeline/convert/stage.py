@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 from pipeline.config import layout_problem
 from pipeline.errors import ConfigError, StageError
 from pipeline.models.hf_config import CONFIG_FIELDS
-from pipeline.runner import StageContext
+from pipeline.runner import CHECKPOINTS, HF_MODEL, MEGATRON_MODEL, StageContext
 from pipeline.train.stage import is_hf_checkpoint
 
 
@@ -66,7 +66,7 @@ def run_import(ctx: StageContext) -> Dict[str, Any]:
     checks the padding), then checked by logits. Nothing to do for the HF backend or a Megatron init."""
     if not import_needed(ctx.cfg):
         return {"imported": False}
-    t, out = ctx.cfg.train, ctx.work_dir / "megatron"
+    t, out = ctx.cfg.train, ctx.work_dir / MEGATRON_MODEL
     convert(f"src={t.init}", f"dst={out}", "to=megatron", f"tp={t.parallel.tp}",
             f"make_vocab_size_divisible_by={t.make_vocab_size_divisible_by}")
     return {"imported": True, "verify": verify(Path(t.init), out, ctx.cfg.export.tolerance,
@@ -80,8 +80,8 @@ def trained_model(train: Path, backend: str) -> Dict[str, Any]:
     if backend == "megatron":
         from pipeline.convert.megatron_io import read_args
 
-        return read_args(train / "checkpoints")[1]["model"]
-    config = json.loads((train / "hf" / "config.json").read_text())
+        return read_args(train / CHECKPOINTS)[1]["model"]
+    config = json.loads((train / HF_MODEL / "config.json").read_text())
     fields = CONFIG_FIELDS.get(config.get("model_type"), CONFIG_FIELDS["llama"])  # Mistral & co: Llama's names
     return {ours: config.get(hf) for ours, hf in fields.items()}
 
@@ -105,13 +105,14 @@ def run_export(ctx: StageContext) -> Dict[str, Any]:
     if cfg.megatron:
         check_export_layout(train, ctx.cfg.train.backend, cfg.tp)
     if ctx.cfg.train.backend == "megatron":
-        checkpoints = train / "checkpoints"
-        convert(f"src={checkpoints}", f"dst={out / 'hf'}", "to=hf", *dtype)
-        metrics["hf_vs_trained"] = verify(out / "hf", checkpoints, cfg.tolerance, out / "verify_hf.json")
+        checkpoints = train / CHECKPOINTS
+        convert(f"src={checkpoints}", f"dst={out / HF_MODEL}", "to=hf", *dtype)
+        metrics["hf_vs_trained"] = verify(out / HF_MODEL, checkpoints, cfg.tolerance, out / "verify_hf.json")
     else:  # the HF backend's train stage already wrote an HF dir with every tokenizer file
-        shutil.copytree(train / "hf", out / "hf")
+        shutil.copytree(train / HF_MODEL, out / HF_MODEL)
     if cfg.megatron:
-        convert(f"src={out / 'hf'}", f"dst={out / 'megatron'}", "to=megatron", f"tp={cfg.tp}",
+        convert(f"src={out / HF_MODEL}", f"dst={out / MEGATRON_MODEL}", "to=megatron", f"tp={cfg.tp}",
                 f"make_vocab_size_divisible_by={cfg.make_vocab_size_divisible_by}", *dtype)
-        metrics["megatron_vs_hf"] = verify(out / "hf", out / "megatron", cfg.tolerance, out / "verify_megatron.json")
+        metrics["megatron_vs_hf"] = verify(out / HF_MODEL, out / MEGATRON_MODEL, cfg.tolerance,
+                                           out / "verify_megatron.json")
     return metrics

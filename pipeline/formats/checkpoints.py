@@ -15,16 +15,14 @@ COMPLETE = "PIPELINE_COMPLETE.json"
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name: the newest complete iteration
 
 
-def complete_checkpoints(work_dir: Path) -> List[str]:
-    """The complete checkpoints in a train work dir (either backend), oldest first, relative to it: the
-    costly work a partial training holds."""
-    ckpts = work_dir / "checkpoints"
+def complete_checkpoints(ckpts: Path) -> List[Path]:
+    """The complete checkpoints in a checkpoints dir (either backend), oldest first."""
     hf = sorted((p.parent for p in ckpts.glob(f"checkpoint-*/{COMPLETE}")), key=lambda p: int(p.name.split("-")[1]))
     tracker, megatron = ckpts / TRACKER, []
     if tracker.is_file() and tracker.read_text().strip().isdigit():
         newest = int(tracker.read_text())
         megatron = sorted(p for p in ckpts.glob("iter_*") if p.name[5:].isdigit() and int(p.name[5:]) <= newest)
-    return [str(p.relative_to(work_dir)) for p in hf + megatron]
+    return hf + megatron
 
 
 def iteration_dir(ckpt_root: Path, iteration: int) -> Path:

@@ -19,12 +19,12 @@ from typing import Dict, Mapping, Optional, Union
 from pipeline import safeload
 from pipeline.formats.checkpoints import COMPLETE
 from pipeline.models.hf_config import model_config
+from pipeline.runner import CHECKPOINTS, HF_MODEL, STEP_LOG, SUMMARY
 from pipeline.train import tracking
 from pipeline.train.blocks import BlockDataset
 from pipeline.train.checkpoints import check_identity, remove_half_written, resolve_precision
 from pipeline.train.job import TrainJob
 
-LOG = "train_log.jsonl"  # one JSON line per logged step, rank 0, appended across resumes
 # train.tracker -> the Trainer's report_to; swanlab is logged by swanlab_callback() instead
 REPORT_TO = {"none": [], "swanlab": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"]}
 
@@ -70,7 +70,7 @@ def training_arguments(job: Union[TrainJob, Mapping], precision: str, cuda: bool
     job = TrainJob.of(job)
     t = job.train
     return TrainingArguments(
-        output_dir=str(job.out / "checkpoints"),
+        output_dir=str(job.out / CHECKPOINTS),
         run_name=job.name,
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
@@ -114,7 +114,7 @@ def pipeline_callback(job: TrainJob):
     import torch.distributed as dist
     from transformers import TrainerCallback
 
-    tokens_per_step, ckpt_dir = job.global_batch_tokens, job.out / "checkpoints"
+    tokens_per_step, ckpt_dir = job.global_batch_tokens, job.out / CHECKPOINTS
 
     class PipelineCallback(TrainerCallback):
         def __init__(self):
@@ -131,7 +131,7 @@ def pipeline_callback(job: TrainJob):
                                                   / max(now - self.last_time, 1e-9), 1)
                 self.last_time, self.last_step = now, state.global_step
             if state.is_world_process_zero:
-                with open(job.out / LOG, "a") as f:
+                with open(job.out / STEP_LOG, "a") as f:
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
         def on_train_begin(self, args, state, control, **kw):
@@ -194,7 +194,7 @@ def train(job: TrainJob) -> None:
     from transformers import Trainer
 
     t, out = job.train, job.out
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = out / CHECKPOINTS
     rank = int(os.environ.get("RANK", "0"))
     cuda = torch.cuda.is_available()
     precision = resolve_precision(t.precision)
@@ -219,19 +219,19 @@ def train(job: TrainJob) -> None:
     metrics = trainer.evaluate()
     if swan:
         swan.finish()
-    trainer.save_model(str(out / "hf"))  # the best checkpoint's weights (load_best_model_at_end)
+    trainer.save_model(str(out / HF_MODEL))  # the best checkpoint's weights (load_best_model_at_end)
     if rank == 0:
         for f in Path(job.tokenizer_dir).iterdir():  # every tokenizer file, vocab.json/merges.txt included
             if f.is_file() and f.name not in ("MANIFEST.json", "pipeline_tokenizer.json"):
-                shutil.copy2(f, out / "hf" / f.name)
-        model.generation_config.save_pretrained(str(out / "hf"))
+                shutil.copy2(f, out / HF_MODEL / f.name)
+        model.generation_config.save_pretrained(str(out / HF_MODEL))
         summary = {"train_loss": result.training_loss, "eval_loss": metrics["eval_loss"],
                    "steps": trainer.state.global_step, "tokens_seen": trainer.state.global_step * tokens_per_step,
                    "resumed_from": resume.name if resume else None,
                    "resumed_step": resume_step,
                    "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
                    "precision": precision, "world_size": int(os.environ.get("WORLD_SIZE", 1))}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()  # without it gloo's threads abort the process at exit

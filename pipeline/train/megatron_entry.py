@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from pipeline.formats.checkpoints import iteration_dir
 from pipeline.lifetime import rank_dies_with_launch
+from pipeline.runner import CHECKPOINTS, SUMMARY
 from pipeline.train.checkpoints import resolve_precision
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore import checkpoint, cpu, data, step
@@ -52,7 +53,7 @@ def main(job_path: str) -> None:
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     layout = {"tp": par.tp, "pp": par.pp, "vpp": par.vpp, "dp": dp}
-    ckpt_root = out / "checkpoints"
+    ckpt_root = out / CHECKPOINTS
     iteration, resumed_from = checkpoint.resume(job, ckpt_root, model, optimizer, scheduler, layout)
     resumed_step = iteration if resumed_from else None
 
@@ -93,7 +94,7 @@ def main(job_path: str) -> None:
                    "tokens_seen": iteration * tokens_per_step, "resumed_from": resumed_from,
                    "resumed_step": resumed_step, "precision": precision,
                    "layout": layout, "checkpoint": f"checkpoints/{iteration_dir(ckpt_root, iteration).name}"}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     dist.barrier()
     dist.destroy_process_group()  # without it gloo's threads abort the process at exit
 

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from omegaconf import OmegaConf
 
@@ -29,7 +29,19 @@ from pipeline.errors import ConfigError, StageError
 from pipeline.files import canonical_json
 from pipeline.formats.checkpoints import complete_checkpoints
 from pipeline.formats.indexed import IndexedReader, check_training_data, token_dtype
-from pipeline.runner import StageContext
+from pipeline.runner import (
+    CHECKPOINTS,
+    FINGERPRINT,
+    JOB_FILE,
+    LAUNCHER_LOGS,
+    MEGATRON_MODEL,
+    STEP_LOG,
+    SUMMARY,
+    SWANLOG,
+    StageContext,
+    launcher_log_dir,
+    train_log,
+)
 from pipeline.train.job import TrainJob, TrainSettings
 
 log = logging.getLogger("pipeline")
@@ -103,9 +115,15 @@ def check(cfg) -> None:
         check_sequence_parallel(t)
 
 
+def held_checkpoints(work_dir: Path) -> List[str]:
+    """The complete checkpoints in a train work dir, oldest first, relative to it: the costly work a
+    partial training holds (the runner never drops it)."""
+    return [str(p.relative_to(work_dir)) for p in complete_checkpoints(work_dir / CHECKPOINTS)]
+
+
 # Written by the ranks and by tools pointed at them (swanlab watch, tensorboard): not pinned outputs.
-UNPINNED = ("swanlog/*", "wandb/*", "tensorboard/*", "runs/*", "train.log", "train_node*.log", "launcher_logs/*",
-            "train_log.jsonl", "train_summary.json")
+UNPINNED = (f"{SWANLOG}/*", "wandb/*", "tensorboard/*", "runs/*", "train.log", "train_node*.log",
+            f"{LAUNCHER_LOGS}/*", STEP_LOG, SUMMARY)
 
 
 def deepspeed_config(train) -> Dict[str, Any]:
@@ -167,7 +185,7 @@ def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
     model = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     init = t.init
     if init and is_hf_checkpoint(init):  # the import stage converted it at this run's padding, checked by logits
-        init = str(data["import_dir"] / "megatron")
+        init = str(data["import_dir"] / MEGATRON_MODEL)
     if init:  # continued pretraining: the model is the init's (as with the HF backend), not model.*
         stored = megatron_init_args(init)
         model = stored["model"]
@@ -238,7 +256,7 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         }).encode()).hexdigest(),
         **BACKEND_JOBS[cfg.train.backend](cfg, data, vocab_size),
     }
-    job_path = ctx.work_dir / "job.json"
+    job_path = ctx.work_dir / JOB_FILE
     TrainJob(**fields).write(job_path)  # other nodes read it as soon as it exists
     # 2,048 tokens/step = 4 micro x 128 seq x 2 data-parallel ranks x 2 accumulation (tiny_cpu), for example
     par = cfg.train.parallel
@@ -246,7 +264,7 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     log.info("train: %s backend, %d ranks%s, micro batch %d x seq %d, accumulation %d -> %s tokens/step; "
              "%d blocks of train data", cfg.train.backend, world_size(cfg), layout, cfg.train.micro_batch_size,
              cfg.train.seq_len, accumulation, f"{cfg.train.global_batch_tokens:,}", blocks)
-    held = complete_checkpoints(ctx.work_dir)
+    held = held_checkpoints(ctx.work_dir)
     if cfg.train.resume_from:
         log.info("train: resuming from %s (train.resume_from)", cfg.train.resume_from)
     elif held:
@@ -255,19 +273,18 @@ def run(ctx: StageContext) -> Dict[str, Any]:
     # The ranks write into a pipe; tell them whether it ends on a terminal, so they draw a progress bar.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": "1" if sys.stderr.isatty() else ""}
     port = launch.free_port()
-    cmd = launch.command(cfg.launcher, ENTRIES[cfg.train.backend], job_path, port,
-                         ctx.work_dir / "launcher_logs" / "node0")
+    cmd = launch.command(cfg.launcher, ENTRIES[cfg.train.backend], job_path, port, launcher_log_dir(ctx.work_dir, 0))
     log.info("launch: %s", " ".join(cmd))
     clear_shm_segments(port)
     try:
-        rc = launch.run_logged(cmd, ctx.work_dir / "train.log", env)
+        rc = launch.run_logged(cmd, train_log(ctx.work_dir), env)
     finally:
         clear_shm_segments(port)
     if rc != 0:
         nodes = cfg.launcher.nnodes if cfg.launcher.name == "torchrun" else 1
         raise StageError(f"training exited with status {rc}; rerun resumes from the last complete checkpoint.\n"
-                         + launch.failure_report(launch.node_logs(ctx.work_dir, nodes)))
-    return json.loads((ctx.work_dir / "train_summary.json").read_text())
+                         + launch.failure_report([train_log(ctx.work_dir, n) for n in range(nodes)]))
+    return json.loads((ctx.work_dir / SUMMARY).read_text())
 
 
 # ----------------------------------------------------------------------------- nodes other than 0
@@ -278,7 +295,7 @@ def join_training(runner, launcher, poll_seconds: float = 1.0) -> int:
     it, and returns the agent's exit status. The c10d rendezvous is where the nodes meet."""
     plan = {item.stage.name: item for item in runner.plan()}
     fingerprint = plan["train"].fingerprint
-    partial = runner.run_dir / "train.partial"
+    partial = runner.partial_dir("train")
     rank = launch.node_rank(launcher)
     deadline = time.monotonic() + launcher.join_timeout
     log.info("node %d: waiting for node 0 to start training in %s", rank, partial)
@@ -287,7 +304,7 @@ def join_training(runner, launcher, poll_seconds: float = 1.0) -> int:
         if done and done.get("fingerprint") == fingerprint:
             log.info("node %d: training is already complete", rank)
             return 0
-        marker, job_path = partial / ".fingerprint", partial / "job.json"
+        marker, job_path = partial / FINGERPRINT, partial / JOB_FILE
         if marker.is_file() and marker.read_text() == fingerprint and job_path.is_file():
             break
         if time.monotonic() > deadline:
@@ -296,9 +313,9 @@ def join_training(runner, launcher, poll_seconds: float = 1.0) -> int:
         time.sleep(poll_seconds)
     backend = TrainJob.load(job_path).train.backend
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": ""}
-    cmd = launch.command(launcher, ENTRIES[backend], job_path, 0, partial / "launcher_logs" / f"node{rank}", env)
-    rc = launch.run_logged(cmd, partial / f"train_node{rank}.log", env)
+    cmd = launch.command(launcher, ENTRIES[backend], job_path, 0, launcher_log_dir(partial, rank), env)
+    rc = launch.run_logged(cmd, train_log(partial, rank), env)
     if rc != 0:
         log.error("node %d: training failed (exit %d):\n%s", rank, rc,
-                  launch.failure_report([partial / f"train_node{rank}.log"]))
+                  launch.failure_report([train_log(partial, rank)]))
     return rc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pipeline.runner import SWANLOG
 from pipeline.train.job import TrainJob
 
 
@@ -23,7 +24,7 @@ def swanlab_run(job: TrainJob):
     import swanlab
 
     return swanlab.init(project=job.name, name=job.name, mode=job.train.tracker_mode,
-                        log_dir=str(job.out / "swanlog"), config=tracker_config(job))
+                        log_dir=str(job.out / SWANLOG), config=tracker_config(job))
 
 
 def wandb_run(job: TrainJob):

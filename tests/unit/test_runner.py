@@ -177,6 +177,26 @@ def test_how_only_keys_leave_every_fingerprint_alone_and_are_named_by_explain(co
     assert "tokenize   skip" in out
 
 
+def test_keys_added_later_leave_older_runs_fingerprints_alone(corpus, tmp_path):
+    """A field added after runs exist (config.added) is left out of the fingerprint at its default, so what
+    is hashed is what the code before it hashed: an upgrade never makes a finished training stale. Any
+    other value is identity."""
+    from pipeline.config import ADDED_DEFAULTS
+
+    assert {"model.head_dim", "model.rope_scaling", "model.qk_norm"} <= set(ADDED_DEFAULTS)
+    run_dir = tmp_path / "run"
+    base = {i.stage.name: i for i in Runner(compose(fast_overrides(corpus, run_dir)), STAGES).plan()}
+    hashed = base["train"].parts["config"]["model"]
+    assert "hidden_size" in hashed and not {k.split(".", 1)[1] for k in ADDED_DEFAULTS} & set(hashed), hashed
+    same = Runner(compose(fast_overrides(corpus, run_dir, "model.qk_norm=false", "model.rope_scaling=none")),
+                  STAGES).plan()
+    assert [i.fingerprint for i in same] == [i.fingerprint for i in base.values()]
+    other = {i.stage.name: i for i in Runner(compose(fast_overrides(corpus, run_dir, "model.head_dim=16")),
+                                             STAGES).plan()}
+    assert other["train"].fingerprint != base["train"].fingerprint
+    assert other["train"].parts["config"]["model"]["head_dim"] == 16  # given, even if equal to the derived one
+
+
 def test_a_manifest_that_hashed_now_how_only_keys_is_kept_and_migrated(corpus, base_run, tmp_path, caplog):
     """Runs made before a key was marked how-only hashed it: their output is still this config's."""
     caplog.set_level("INFO", logger="pipeline")

@@ -8,11 +8,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from pipeline.runner import STEP_LOG
 from pipeline.train import tracking
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore.data import MicroBatches
-
-LOG = "train_log.jsonl"  # one JSON line per logged step, rank 0, appended across resumes
 
 
 def build_optimizer(job: TrainJob, config, model: List[torch.nn.Module], precision: str):
@@ -125,7 +124,7 @@ class StepLog:
     def log(self, step: int, row: Dict[str, float]) -> None:
         if not self.active:
             return
-        with open(self.out / LOG, "a") as f:
+        with open(self.out / STEP_LOG, "a") as f:
             f.write(json.dumps({"step": step, **row}) + "\n")
         if self.tracker is not None and hasattr(self.tracker, "add_scalar"):
             for k, v in row.items():
