@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 from pipeline import integrity
 from pipeline.errors import ConfigError, ConversionError, PipelineError
@@ -167,18 +167,52 @@ def verify_run(runner: Runner) -> int:
     return 0
 
 
+class Arg(NamedTuple):
+    """One `key=value` argument of `pipeline convert` / `pipeline verify`: how its text is read, its default
+    (as text, read the same way; None = none, REQUIRED = must be given) and what it means. The help is
+    built from these tables, so a key cannot be accepted and left undocumented."""
+
+    type: Callable[[str], Any]
+    default: Optional[str]
+    meaning: str
+
+
+REQUIRED = "required"
+
+
+def arg_type(entry) -> Callable[[str], Any]:
+    return entry.type if isinstance(entry, Arg) else entry  # a bare type: accepted, shown as undocumented
+
+
 def key_values(pairs: List[str], allowed: dict) -> dict:
-    """`key=value` arguments (as the design's `pipeline convert src=... to=hf`), typed by `allowed`."""
+    """`key=value` arguments (as the design's `pipeline convert src=... to=hf`), typed by `allowed`
+    (key -> Arg, or a bare type), with each Arg's default filled in for keys not given."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in allowed:
             raise ConfigError(f"'{pair}': expected one of {', '.join(f'{k}=...' for k in allowed)}")
         try:
-            out[key] = allowed[key](value)
+            out[key] = arg_type(allowed[key])(value)
         except ValueError as e:  # int('x'), float('2X'): the pair that did not parse, not a traceback
             raise ConfigError(f"{key}: cannot read '{value}' ({e})") from None
+    for key, entry in allowed.items():
+        if key not in out and isinstance(entry, Arg) and entry.default not in (None, REQUIRED):
+            out[key] = entry.type(entry.default)
     return out
+
+
+def args_help(table: dict) -> str:
+    """The keys of a key=value command, one per line: key=<type> (default ...): meaning."""
+    lines = []
+    for key, entry in table.items():
+        if isinstance(entry, Arg):
+            default = "required" if entry.default == REQUIRED else f"default {entry.default}" \
+                if entry.default is not None else "default: none"
+            lines.append(f"  {key}=  ({default})  {entry.meaning}")
+        else:
+            lines.append(f"  {key}=  (UNDOCUMENTED: give it an Arg in pipeline/cli.py)")
+    return "keys:\n" + "\n".join(lines)
 
 
 def size_bytes(text: str) -> int:
@@ -193,9 +227,24 @@ def true_or_false(text: str) -> bool:
     return text.lower() == "true"
 
 
-CONVERT_ARGS = {"src": Path, "dst": Path, "to": str, "tp": int, "pp": int, "format": str, "dtype": str,
-                "tokenizer": Path, "max_shard_size": size_bytes, "make_vocab_size_divisible_by": int,
-                "overwrite": true_or_false}
+CONVERT_ARGS = {
+    "src": Arg(Path, REQUIRED, "the checkpoint to convert: an HF dir (config.json) or a Megatron checkpoints dir"),
+    "dst": Arg(Path, REQUIRED, "the new checkpoint's dir (refused if it exists and is not empty, see overwrite)"),
+    "to": Arg(str, REQUIRED, "hf | megatron: the format to write"),
+    "tp": Arg(int, "1", "tensor-parallel size of a Megatron output (pads the vocab; legacy: one file per rank)"),
+    "pp": Arg(int, "1", "pipeline-parallel size of a Megatron output"),
+    "format": Arg(str, "torch_dist", "torch_dist (loads at any TP/PP) | torch (legacy mp_rank_* files)"),
+    "dtype": Arg(str, None, "fp32 | bf16 | fp16 of the written tensors; none = the source's"),
+    "tokenizer": Arg(Path, None, "a tokenizer dir whose files go into an HF output (and give its vocab size)"),
+    "max_shard_size": Arg(size_bytes, "5GB", "largest safetensors file of an HF output (KB, MB, GB)"),
+    "make_vocab_size_divisible_by": Arg(int, "128", "Megatron pads the embedding to a multiple of this x tp"),
+    "overwrite": Arg(true_or_false, "false", "true: replace a non-empty dst (the old one goes once the new is in "
+                                             "place)"),
+    "vocab_size": Arg(int, None, "the true vocabulary of an HF output, cut from the padded embedding; none = "
+                                 "the tokenizer's or the checkpoint's"),
+    "transformer_impl": Arg(str, "transformer_engine", "norm names of a legacy Megatron output: "
+                                                      "transformer_engine | local"),
+}
 
 
 def cmd_convert(args) -> int:
@@ -216,11 +265,12 @@ def cmd_convert(args) -> int:
             raise ConfigError(f"{key}: must be >= 1, got {kv[key]}")
     overwrite = kv.get("overwrite", False)  # a non-empty dst is refused without it (pipeline/destination.py)
     layout = {"tp": kv.get("tp", 1), "pp": kv.get("pp", 1), "fmt": kv.get("format", "torch_dist"),
-              "dtype": kv.get("dtype"), "overwrite": overwrite}
+              "dtype": kv.get("dtype"), "overwrite": overwrite,
+              "transformer_impl": kv.get("transformer_impl", "transformer_engine")}
     from_hf = (kv["src"] / "config.json").is_file()
     if kv["to"] == "hf":
         result = megatron_to_hf(kv["src"], kv["dst"], kv.get("dtype"), kv.get("tokenizer"),
-                                kv.get("max_shard_size", 5 << 30), overwrite)
+                                kv.get("max_shard_size", 5 << 30), overwrite, kv.get("vocab_size"))
     elif from_hf:
         result = hf_to_megatron(kv["src"], kv["dst"], make_vocab_size_divisible_by=kv.get(
             "make_vocab_size_divisible_by", 128), **layout)
@@ -230,21 +280,47 @@ def cmd_convert(args) -> int:
     return 0
 
 
+VERIFY_ARGS = {
+    "a": Arg(Path, REQUIRED, "one side: an HF dir (config.json) or a Megatron checkpoints dir (tracker, iter_*/)"),
+    "b": Arg(Path, REQUIRED, "the other side, of either kind"),
+    "seq_len": Arg(int, "1024", "positions compared (capped at the models' max_position_embeddings, said so)"),
+    "tolerance": Arg(float, "1e-4", "largest max |logit difference| that passes (exit 1 above it)"),
+    "tp": Arg(int, None, "processes a Megatron side loads at; none = a legacy side's tp, else 1"),
+    "report": Arg(Path, None, "where the report JSON goes; none = <b>/verify.json"),
+}
+
+
 def cmd_verify(args) -> int:
-    """HF (a) vs Megatron (b) logits on a fixed prompt, Megatron loaded at tp ranks under torchrun."""
+    """Logits of a and b (HF or Megatron each) on one prompt: HF vs HF in this process, a Megatron side
+    under torchrun. 0 within tolerance, 1 above it (the report and the error say why), 2 if it cannot run."""
     import subprocess
 
-    kv = key_values(args.pairs, {"a": Path, "b": Path, "tp": int, "tolerance": float, "report": Path})
+    from pipeline.convert import verify
+
+    kv = key_values(args.pairs, VERIFY_ARGS)
     for key in ("a", "b"):
         if key not in kv:
-            raise ConfigError(f"{key}: required (pipeline verify a=<hf dir> b=<megatron dir>)")
+            raise ConfigError(f"{key}: required (pipeline verify a=<dir> b=<dir>)")
     out = kv.get("report", kv["b"] / "verify.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(kv.get("tp", 1)),
-           "-m", "pipeline.convert.verify", str(kv["a"]), str(kv["b"]), str(out)]
-    if subprocess.run(cmd).returncode != 0:
-        raise ConversionError("verify failed; see the output above")
-    report = json.loads(out.read_text())  # verify has printed it
-    return 0 if report["max_abs_diff"] <= kv.get("tolerance", 1e-4) else 1
+    kinds = (verify.side_kind(kv["a"]), verify.side_kind(kv["b"]))
+    if kinds == ("hf", "hf"):
+        report = verify.compare(kv["a"], kv["b"], out, kv["seq_len"], kv["tolerance"])
+    else:
+        layouts = [verify.megatron_layout(kv[s]) for s, k in zip("ab", kinds) if k == "megatron"]
+        problem, tp = verify.layout_problem(layouts, kv.get("tp"))
+        if problem:
+            raise ConfigError(problem)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(tp),
+               "-m", "pipeline.convert.verify", str(kv["a"]), str(kv["b"]), str(out), str(kv["seq_len"]),
+               str(kv["tolerance"])]
+        if subprocess.run(cmd).returncode != 0:
+            raise ConversionError("verify failed; see the output above")
+        report = json.loads(out.read_text())
+    log.info("%s; report: %s", verify.summary(report), out)
+    if not report["passed"]:
+        print(f"error: {report['problem']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,13 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     clean.set_defaults(func=cmd_clean)
 
     conv = sub.add_parser("convert", help="checkpoint HF <-> Megatron, or Megatron -> Megatron: src=<dir> dst=<dir> "
-                                          "to=hf|megatron [tp=N pp=N format=torch_dist|torch dtype=fp32|bf16|fp16 "
-                                          "tokenizer=<dir> max_shard_size=5GB make_vocab_size_divisible_by=128 "
-                                          "overwrite=true]")
+                                          "to=hf|megatron [key=value ...]", epilog=args_help(CONVERT_ARGS),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     conv.add_argument("pairs", nargs="*", metavar="key=value")
     conv.set_defaults(func=cmd_convert)
 
-    ver = sub.add_parser("verify", help="same logits? a=<hf dir> b=<megatron dir> [tp=N tolerance=1e-4 report=<json>]")
+    ver = sub.add_parser("verify", help="same logits? a=<dir> b=<dir> (HF or Megatron each) [key=value ...]",
+                         epilog=args_help(VERIFY_ARGS), formatter_class=argparse.RawDescriptionHelpFormatter)
     ver.add_argument("pairs", nargs="*", metavar="key=value")
     ver.set_defaults(func=cmd_verify)
 

@@ -22,23 +22,17 @@ from typing import List, Optional, Tuple
 from omegaconf import DictConfig
 
 from pipeline.config import data_parallel_size, grad_accumulation, run_dir_of, value_of, world_size
+from pipeline.models import by_name
 
 GIB = 1 << 30
 
 
 def parameter_count(cfg: DictConfig) -> Tuple[int, int]:
-    """(parameters, vocabulary) of model.*; the vocabulary is model.vocab_size, else the BPE's size."""
+    """(parameters, vocabulary) of model.*, by its family's count (pipeline/models/<family>.py); the
+    vocabulary is model.vocab_size, else the BPE's size."""
     m = cfg.model
     vocab = m.vocab_size or cfg.tokenizer.vocab_size
-    h, heads = m.hidden_size, m.num_attention_heads
-    kv = (m.num_key_value_heads or heads) * (h // heads)
-    ffn = m.ffn_hidden_size or 4 * h
-    attention = h * h * 2 + 2 * h * kv + (h + 2 * kv if m.family in ("qwen2", "gpt2") else 0)
-    mlp = 2 * h * ffn + ffn + h if m.family == "gpt2" else 3 * h * ffn  # gpt2: fc + proj with biases; else gated
-    per_layer = attention + mlp + 2 * h * (2 if m.family == "gpt2" else 1)
-    embeddings = vocab * h * (1 if m.tie_word_embeddings else 2)
-    positions = m.max_position_embeddings * h if m.family == "gpt2" else 0
-    return m.num_layers * per_layer + embeddings + positions + h, vocab
+    return by_name(m.family).parameters(m, vocab), vocab
 
 
 def train_tokens(cfg: DictConfig) -> Tuple[Optional[int], str]:

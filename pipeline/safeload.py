@@ -49,9 +49,37 @@ DCP_GLOBALS: Dict[str, Any] = {
     "collections.OrderedDict": collections.OrderedDict,
     "pathlib.PosixPath": pathlib.PosixPath,
 }
+
+
+class MegatronEnum:
+    """Stands in for one of megatron-core's enums in a checkpoint's args (Megatron-LM pickles e.g.
+    `args.attention_backend`, an AttnBackend): unpickling calls it with the member's value, and it keeps
+    the enum's name and that value. Nothing of megatron is imported, and it runs no code."""
+
+    enum = ""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is type(self) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash((self.enum, self.value))
+
+    def __repr__(self) -> str:
+        return f"{self.enum}({self.value!r})"
+
+
+# megatron-core's enums that Megatron-LM's args may hold, by the name they are pickled under
+MEGATRON_ENUMS = tuple(f"megatron.core.{name}" for name in (
+    "enums.ModelType", "enums.Fp8Recipe", "enums.Fp4Recipe", "transformer.enums.ModelType",
+    "transformer.enums.AttnBackend", "transformer.enums.AttnMaskType", "transformer.enums.AttnType",
+    "transformer.enums.LayerType", "transformer.enums.CudaGraphScope"))
+STAND_INS = {name: type(name.rsplit(".", 1)[1], (MegatronEnum,), {"enum": name}) for name in MEGATRON_ENUMS}
 # On top of torch's weights_only set (tensors, containers, dtypes): Megatron-LM stores its args as an
-# argparse.Namespace (this pipeline's own files hold plain data only)
-TORCH_GLOBALS: List[Any] = [argparse.Namespace]
+# argparse.Namespace, holding some of megatron-core's enums (their stand-ins, above, by name)
+TORCH_GLOBALS: List[Any] = [argparse.Namespace, *((cls, name) for name, cls in STAND_INS.items())]
 
 
 def refused(file: Union[Path, str], names: List[str]) -> str:

@@ -99,18 +99,41 @@ def read_bytes(prefix: Path) -> tuple:
     return Path(f"{prefix}.bin").read_bytes(), Path(f"{prefix}.idx").read_bytes()
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
 def tiny_hf(family: str, path, **overrides):
-    """A 2-layer random HF model with real head geometry (GQA where the family has it), biases random
-    so that bias mappings are exercised."""
+    """A 2-layer random HF model with real head geometry (GQA where the family has it), biases and norms
+    random so that bias and norm mappings are exercised. `llama3`: a Llama 3.2-like llama (tied
+    embeddings, llama3 RoPE scaling, head_dim 32 != hidden / heads); `mistral`: Mistral's head_dim."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
     model = {
         "llama": lambda: LlamaForCausalLM(LlamaConfig(**{**common, **overrides})),
+        "llama3": lambda: LlamaForCausalLM(LlamaConfig(**{**common, "head_dim": 32, "tie_word_embeddings": True,
+                                                          "max_position_embeddings": 128,
+                                                          "rope_parameters": LLAMA3_ROPE, **overrides})),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**{**common, "head_dim": 24, "sliding_window": None,
+                                                               **overrides})),
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})),
+        "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**{**common, "head_dim": 32, "tie_word_embeddings": False,
+                                                         **overrides})),
         "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                                    **overrides)),
     }[family]()
@@ -118,6 +141,8 @@ def tiny_hf(family: str, path, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
+            elif name.endswith("norm.weight"):  # not all ones: a norm mapped wrong shows in the logits
+                p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     return path
 

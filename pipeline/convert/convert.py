@@ -8,36 +8,39 @@ so a bad checkpoint fails before anything is written), then the data; a TP/PP sp
 divide the model is refused before either. Every direction writes into `<dst>.partial` and puts it in
 place only when complete: a failed conversion (a full disk included) leaves `dst` as it was. What may
 be at `dst` beforehand is pipeline/destination.py's rule (nothing is replaced without overwrite=true).
-Megatron output follows Megatron-LM's layout: `<dst>/iter_0000000/` and
-`<dst>/latest_checkpointed_iteration.txt`.
+Megatron output follows Megatron-LM's layout: `<dst>/iter_0000001/` and
+`<dst>/latest_checkpointed_iteration.txt`, its `args` Megatron-LM's (pipeline/formats/megatron_args.py);
+Megatron-LM's own checkpoints are read too.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import struct
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from pipeline import destination
-from pipeline.config import ModelConfig, layout_problem
+from pipeline.config import layout_problem
 from pipeline.convert import megatron_io
 from pipeline.errors import ConversionError
 from pipeline.files import replace_dir, storage_cause
+from pipeline.formats import megatron_args
 from pipeline.models import FAMILIES, by_architecture
-from pipeline.models.hf_config import CONFIG_FIELDS, ffn_size, model_config, padded_vocab_size
+from pipeline.models.hf_config import ffn_size, head_dim, model_config, model_from_hf, padded_vocab_size
 from pipeline.models.mapping import Family, Geometry, Mapping, hf_names
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- shared
@@ -45,7 +48,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def geometry(model: Dict[str, Any], vocab: int, padded: int) -> Geometry:
     heads = model["num_attention_heads"]
     return Geometry(hidden=model["hidden_size"], heads=heads, groups=model.get("num_key_value_heads") or heads,
-                    head_dim=model["hidden_size"] // heads, vocab=vocab, padded_vocab=padded)
+                    head_dim=head_dim(model), vocab=vocab, padded_vocab=padded)
 
 
 PARTIAL_MARK = ".pipeline-convert-partial"  # in <dst>.partial while it is written: a leftover is ours to remove
@@ -93,18 +96,9 @@ def copy_tokenizer_files(src: Optional[Path], dst: Path) -> list:
 # ----------------------------------------------------------------------------- HF side
 
 def hf_model_dict(config: Dict[str, Any], family: Family) -> Dict[str, Any]:
-    """Our complete model.* settings from an HF config.json (the inverse of hf_config.CONFIG_FIELDS);
-    fields the family has no HF field for keep the schema's defaults."""
-    model = asdict(ModelConfig(hidden_size=0, num_layers=0, num_attention_heads=0))
-    for ours, hf in CONFIG_FIELDS[family.name].items():
-        if config.get(hf) is not None:
-            model[ours] = config[hf]
-    rope = (config.get("rope_parameters") or {}).get("rope_theta")  # transformers 5 nests it
-    if rope is not None and "rope_theta" in CONFIG_FIELDS[family.name]:
-        model["rope_theta"] = rope
-    model["family"], model["vocab_size"] = family.name, config["vocab_size"]
-    model["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", family.name == "gpt2"))
-    return model
+    """Our complete model.* settings from an HF config.json, by the family's table
+    (pipeline/models/hf_config.py `model_from_hf`): a field it does not account for is refused, named."""
+    return model_from_hf(config, family)
 
 
 class HFReader:
@@ -234,7 +228,8 @@ def check_layout(args: Dict[str, Any], tp: int, pp: int) -> None:
 
 
 def write_megatron(dst: Path, args: Dict[str, Any], names: List[Tuple[Mapping, str]], produce, fmt: str, tp: int,
-                   pp: int, sources: List[Optional[Path]], overwrite: bool) -> None:
+                   pp: int, sources: List[Optional[Path]], overwrite: bool,
+                   transformer_impl: str = "transformer_engine") -> None:
     """produce(names, meta) yields (mapping, name, global tensor) for the names asked, in their order;
     with `meta` the tensors are shapes only. torch_dist plans from one meta pass, then writes tensor by
     tensor; legacy writes one rank file at a time, reading that stage's tensors once per TP rank, so it
@@ -242,29 +237,56 @@ def write_megatron(dst: Path, args: Dict[str, Any], names: List[Tuple[Mapping, s
     if fmt not in FORMATS:
         raise ConversionError(f"format: '{fmt}' is not one of {', '.join(FORMATS)}")
     check_layout(args, tp, pp)
+    if transformer_impl not in megatron_args.TRANSFORMER_IMPLS:
+        raise ConversionError(f"transformer_impl: '{transformer_impl}' is not one of "
+                              f"{', '.join(megatron_args.TRANSFORMER_IMPLS)}")
     num_layers = args["model"]["num_layers"]
     planned = [(name, t) for _, name, t in produce(names, meta=True)]  # every shape checked before writing
     with publishing(dst, sources, overwrite) as out:
         if fmt == "torch_dist":  # global tensors: any TP/PP loads it; tp only decided the vocab padding
-            megatron_io.write_torch_dist(out, args, planned, iter(progress(produce(names), len(names), f"-> {fmt}")))
+            megatron_io.write_torch_dist(out, args, planned, iter(progress(produce(names), len(names), f"-> {fmt}")),
+                                         tp=tp)
             return
+        stored = megatron_io.stored_args(args, planned, tp, pp, fmt, transformer_impl)
         bar = progress(None, len(names) * tp, f"-> {fmt} tp={tp} pp={pp}")
         for stage in range(pp):
             mine = [(m, n) for m, n in names if megatron_io.stage_of(n, num_layers // pp, pp)[0] == stage]
             for rank in range(tp):
-                megatron_io.write_legacy_rank(out, args, produce(mine), tp, rank, pp, stage)
+                megatron_io.write_legacy_rank(out, stored, produce(mine), tp, rank, pp, stage, transformer_impl)
                 bar.update(len(mine))
         bar.close()
-        (out / megatron_io.TRACKER).write_text("0")
+        (out / megatron_io.TRACKER).write_text(str(megatron_io.ITERATION))
+
+
+def true_vocab(args: Dict[str, Any], tokenizer: Optional[Path], vocab_size: Optional[int], where: Path) -> int:
+    """The vocabulary HF gets: vocab_size=, else the tokenizer's size, else what the checkpoint says
+    (Megatron-LM's args hold only the padded size: it is kept, with a warning)."""
+    padded = args["padded_vocab_size"]
+    if vocab_size is None and tokenizer is not None and not args.get("vocab_known", True):
+        from transformers import AutoTokenizer
+
+        vocab_size = len(AutoTokenizer.from_pretrained(str(tokenizer)))
+    if vocab_size is None:
+        if not args.get("vocab_known", True):
+            log.warning("%s: Megatron-LM's args hold only the padded vocab size (%d); the HF model keeps every "
+                        "padded row. Give tokenizer=<dir> or vocab_size=<n> for the true size", where, padded)
+        return args["vocab_size"]
+    if not 0 < vocab_size <= padded:
+        raise ConversionError(f"vocab_size={vocab_size}: must be between 1 and the checkpoint's padded vocab size "
+                              f"{padded}")
+    return vocab_size
 
 
 def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer: Optional[Path] = None,
-                   max_shard_size: int = 5 << 30, overwrite: bool = False) -> Dict[str, Any]:
-    """A Megatron checkpoint dir (torch_dist or legacy, any TP/PP) -> an HF dir: safetensors (sharded
-    with an index above max_shard_size), config.json, generation_config.json, every tokenizer file."""
+                   max_shard_size: int = 5 << 30, overwrite: bool = False,
+                   vocab_size: Optional[int] = None) -> Dict[str, Any]:
+    """A Megatron checkpoint dir (torch_dist or legacy, any TP/PP; ours or Megatron-LM's) -> an HF dir:
+    safetensors (sharded with an index above max_shard_size), config.json, generation_config.json,
+    every tokenizer file. `vocab_size` (or the tokenizer's size) cuts the padded embedding."""
     from transformers import GenerationConfig
 
     path, args = megatron_io.read_args(src)
+    args = {**args, "vocab_size": true_vocab(args, tokenizer, vocab_size, path)}
     model = args["model"]
     family = FAMILIES[model["family"]]
     geo = geometry(model, args["vocab_size"], args["padded_vocab_size"])
@@ -278,6 +300,8 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
         writer.close()
         config = model_config(model, args["vocab_size"], args.get("eod_id") or 0)
         config.architectures = [family.architectures[0]]
+        for field_name, value in args.get("hf_config", {}).items():  # what Megatron-LM's args decide beyond model.*
+            setattr(config, field_name, value)
         if dtype:
             config.dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
         config.save_pretrained(str(out))
@@ -289,7 +313,7 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
 
 def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "torch_dist",
                    make_vocab_size_divisible_by: int = 128, dtype: Optional[str] = None,
-                   overwrite: bool = False) -> Dict[str, Any]:
+                   overwrite: bool = False, transformer_impl: str = "transformer_engine") -> Dict[str, Any]:
     """An HF dir -> a Megatron checkpoint dir. The embedding is padded for `tp` (Megatron pads to a
     multiple of make_vocab_size_divisible_by x tp); torch_dist then loads at any TP/PP, legacy files
     are written for exactly tp x pp ranks."""
@@ -315,12 +339,14 @@ def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "t
         for m, meg in names:
             yield m, meg, cast(m.to_megatron([reader.get(n, meta) for n in m.hf], geo), dtype)
 
-    write_megatron(dst, args, [(m, meg) for m, meg, _ in entries], produce, fmt, tp, pp, [src], overwrite)
+    write_megatron(dst, args, [(m, meg) for m, meg, _ in entries], produce, fmt, tp, pp, [src], overwrite,
+                   transformer_impl)
     return {"tensors": len(entries), "padded_vocab_size": padded, "format": fmt}
 
 
 def megatron_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "torch_dist",
-                         dtype: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
+                         dtype: Optional[str] = None, overwrite: bool = False,
+                         transformer_impl: str = "transformer_engine") -> Dict[str, Any]:
     """Another layout or format, without going through HF (the embedding keeps its padding: a tp it does
     not divide is refused; convert from HF to pad for it)."""
     path, args = megatron_io.read_args(src)
@@ -331,5 +357,6 @@ def megatron_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: st
         for meg, t in megatron_io.read_tensors(path, args, names, meta):
             yield mappings[meg], meg, cast(t, dtype)
 
-    write_megatron(dst, args, [(m, meg) for meg, m in mappings.items()], produce, fmt, tp, pp, [src], overwrite)
+    write_megatron(dst, args, [(m, meg) for meg, m in mappings.items()], produce, fmt, tp, pp, [src], overwrite,
+                   transformer_impl)
     return {"tensors": len(mappings), "format": fmt, "source": str(path)}

@@ -11,10 +11,22 @@ its loader reads a stored key whole (every layer of it). megatron-core loads wha
 tests load it into GPTModel at TP=2), and this reads what megatron-core training writes.
 
 Legacy `torch` (Megatron-LM's original layout):
-    iter_0000000/mp_rank_TT/model_optim_rng.pt           (pp = 1)
-    iter_0000000/mp_rank_TT_PPP/model_optim_rng.pt       (pp > 1)
+    iter_0000001/mp_rank_TT/model_optim_rng.pt           (pp = 1)
+    iter_0000001/mp_rank_TT_PPP/model_optim_rng.pt       (pp > 1)
 each file holding {"model": that rank's shard, local layer numbers}, "args", "iteration",
-"checkpoint_version"}. How a tensor splits across TP follows one rule per kind (TP_RULES): column
+"checkpoint_version"} (with virtual pipeline stages, "model0", "model1", ... instead of "model"; the
+tracker file may say `release`, for a `release/` dir).
+
+Megatron-LM's own checkpoints are read too: their `args` (Megatron-LM's argparse.Namespace) translate
+through pipeline/formats/megatron_args.py, and names are matched loosely where Megatron-LM varies: a
+`module.` prefix, the norms under Transformer Engine's names (`linear_qkv.layer_norm_weight`) or
+megatron-core's local ones (`input_layernorm.weight`, `pre_mlp_layernorm.weight`), torch_dist layers
+stacked under one key or one key per layer, a gated fc1 as one tensor or as `_w`/`_v` halves.
+Everything else a checkpoint holds (optimizer and RNG state, `_extra_state`) is never read. What we
+write stores Megatron-LM's args (the Namespace, our dict riding along in it), checkpoint_version 3.0
+and iteration 1; legacy files name the norms as `transformer_impl` (transformer_engine or local) does.
+
+How a tensor splits across TP follows one rule per kind (TP_RULES): column
 (dim 0), row (dim 1), replicated; a gated MLP's fc1 splits gate and up separately, so each rank
 holds [gate_r; up_r]. Layers split evenly across PP, renumbered from 0 on every stage; the first
 stage holds the embeddings, the last the final norm and the output layer. A rank file is one
@@ -40,7 +52,8 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from pipeline.errors import ConversionError
-from pipeline.formats.checkpoints import TRACKER, iteration_dir, latest_iteration
+from pipeline.formats import megatron_args
+from pipeline.formats.checkpoints import TRACKER, iteration_dir
 from pipeline.models.mapping import GatedMLP, Mapping
 from pipeline.safeload import COMMON_FILE, load_dcp_metadata, safe_torch_load
 
@@ -52,7 +65,24 @@ TP_RULES = (
     ("self_attention.linear_proj.weight", "row"), ("mlp.linear_fc2.weight", "row"),
     ("embedding.word_embeddings.weight", "column"), ("output_layer.weight", "column"),
 )
-RANK_DIR = re.compile(r"mp_rank_(\d+)(?:_(\d+))?$")
+RANK_DIR = re.compile(r"mp_rank_(\d+)(?:_(\d+))?(_\d+)?$")
+ITERATION = 1  # of what we write: Megatron-LM treats iteration 0 as no training done
+# Transformer Engine's names for the norms fused into the next linear layer -> megatron-core's local layers'
+LOCAL_NORMS = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+               "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+
+
+def local_name(name: str) -> str:
+    """A TE-style norm name as megatron-core's local layers (transformer_impl=local) save it."""
+    for te, local in LOCAL_NORMS.items():
+        if te in name:
+            return name.replace(te, local)
+    return name
+
+
+def spellings(name: str) -> List[str]:
+    """The names a tensor may be stored under: ours (TE norms), the local norms'."""
+    return list(dict.fromkeys([name, local_name(name)]))
 
 
 def tp_kind(mapping: Mapping, name: str) -> str:
@@ -93,10 +123,15 @@ def stage_of(name: str, layers_per_stage: int, pp: int) -> Tuple[int, str]:
 
 
 def checkpoint_path(src: Path) -> Path:
-    latest = latest_iteration(src)
-    if latest is None:
+    tracker = src / TRACKER
+    if not tracker.is_file():
         raise ConversionError(f"{src}: no {TRACKER}; expected a Megatron checkpoint dir (iter_XXXXXXX/ + tracker)")
-    return iteration_dir(src, latest)
+    text = tracker.read_text().strip()
+    if text == "release":  # Megatron-LM's released checkpoints
+        return src / "release"
+    if not text.isdigit():
+        raise ConversionError(f"{tracker}: holds {text[:40]!r}, neither an iteration nor `release`")
+    return iteration_dir(src, int(text))
 
 
 def legacy_ranks(path: Path) -> Dict[Tuple[int, int], Path]:
@@ -105,6 +140,9 @@ def legacy_ranks(path: Path) -> Dict[Tuple[int, int], Path]:
     for d in path.iterdir():
         m = RANK_DIR.match(d.name)
         if m and (d / LEGACY_FILE).is_file():
+            if m.group(3):
+                raise ConversionError(f"{d}: an expert-parallel rank (mixture of experts), which no model family here "
+                                      f"holds")
             ranks[(int(m.group(1)), int(m.group(2) or 0))] = d / LEGACY_FILE
     return ranks
 
@@ -112,9 +150,23 @@ def legacy_ranks(path: Path) -> Dict[Tuple[int, int], Path]:
 def load_legacy(file: Path) -> Dict[str, Any]:
     """Restricted to plain tensors and containers (pipeline/safeload.py)."""
     stored = safe_torch_load(file, mmap=True)
-    if not (isinstance(stored, dict) and isinstance(stored.get("model"), dict)):
+    if not (isinstance(stored, dict) and (isinstance(stored.get("model"), dict)
+                                          or isinstance(stored.get("model0"), dict))):
         raise ConversionError(f"{file}: not a Megatron rank file (no 'model' state dict in it)")
     return stored
+
+
+def chunks_of(stored: Dict[str, Any], file: Path) -> List[Dict[str, Any]]:
+    """A rank file's model chunks (one per virtual pipeline stage), names without a `module.` prefix."""
+    if isinstance(stored.get("model"), dict):
+        found = [stored["model"]]
+    else:
+        found = [stored[f"model{v}"] for v in range(len(stored)) if isinstance(stored.get(f"model{v}"), dict)]
+    out = [{(k[len("module."):] if k.startswith("module.") else k): t for k, t in chunk.items()} for chunk in found]
+    if any(k.startswith("language_model.") for chunk in out for k in chunk):
+        raise ConversionError(f"{file}: a megatron.legacy model (language_model.*); only megatron-core (mcore) "
+                              f"GPT checkpoints are read")
+    return out
 
 
 # metadata.json: which backends wrote the checkpoint, as megatron-core's CheckpointingConfig records them
@@ -123,7 +175,11 @@ TORCH_DIST_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version":
 
 
 def read_args(src: Path) -> Tuple[Path, Dict[str, Any]]:
+    """The checkpoint's iteration dir and its args as our dict (pipeline/formats/megatron_args.py): this
+    pipeline's own (a dict, or carried in the Namespace it writes) or translated from Megatron-LM's."""
     path = checkpoint_path(src)
+    if not path.is_dir():
+        raise ConversionError(f"{src / TRACKER} names {path.name}, which is not there")
     ranks = legacy_ranks(path)
     if ranks:
         stored = load_legacy(ranks[min(ranks)])
@@ -131,10 +187,7 @@ def read_args(src: Path) -> Tuple[Path, Dict[str, Any]]:
         stored = safe_torch_load(path / COMMON_FILE)
     else:
         raise ConversionError(f"{path}: neither {COMMON_FILE} (torch_dist) nor mp_rank_*/{LEGACY_FILE} (legacy)")
-    args = stored.get("args") if isinstance(stored, dict) else None
-    if not isinstance(args, dict) or "model" not in args:
-        raise ConversionError(f"{path}: no model args stored; only checkpoints of this pipeline's megatron backend "
-                              f"or `pipeline convert` are read")
+    args = megatron_args.our_args(stored.get("args") if isinstance(stored, dict) else None, str(path))
     return path, args
 
 
@@ -175,10 +228,30 @@ class TorchDistReader:
         self.reader.set_up_storage_reader(self.metadata, True)
 
     def read(self, name: str, meta: bool = False) -> torch.Tensor:
+        for spelled in spellings(name):
+            for candidate in (spelled, "module." + spelled):
+                found = self._find(candidate)
+                if found is not None:
+                    return found(meta)
+        raise ConversionError(f"{self.path}: missing tensor {stored_key(name)[0]} (for {name})")
+
+    def _find(self, name: str):
+        """How to read `name` from what is stored: its stacked key, its own key (layers not stacked), or
+        a gated fc1's `_w`/`_v` halves; None when none of them is there."""
+        stored = self.metadata.state_dict_metadata
         key, layer = stored_key(name)
-        stored = self.metadata.state_dict_metadata.get(key)
-        if not isinstance(stored, TensorStorageMetadata):
-            raise ConversionError(f"{self.path}: missing tensor {key} (for {name})")
+        if isinstance(stored.get(key), TensorStorageMetadata):
+            return lambda meta: self._read(key, layer, name, meta)
+        if layer is not None and isinstance(stored.get(name), TensorStorageMetadata):
+            return lambda meta: self._read(name, None, name, meta)
+        for halves in ((key + "_w", key + "_v"), (name + "_w", name + "_v")):
+            if all(isinstance(stored.get(h), TensorStorageMetadata) for h in halves):
+                at = layer if halves[0].startswith(key) else None
+                return lambda meta: torch.cat([self._read(h, at, name, meta) for h in halves])
+        return None
+
+    def _read(self, key: str, layer: Optional[int], name: str, meta: bool) -> torch.Tensor:
+        stored = self.metadata.state_dict_metadata[key]
         if layer is not None and layer >= stored.size[0]:
             raise ConversionError(f"{self.path}: {key} stacks {stored.size[0]} layers; {name} is not among them")
         shape = tuple(stored.size[1:] if layer is not None else stored.size)
@@ -210,21 +283,38 @@ class _ReadInto:
         self.filled += tensor.numel()
 
 
+def locate(name: str, num_layers: int, pp: int, vpp: int) -> Tuple[int, int, str]:
+    """(pipeline rank, virtual stage, local name) of a global name. With virtual stages the model is cut
+    into pp x vpp chunks of layers, dealt round-robin: chunk c sits on rank c % pp as its stage c // pp."""
+    per_chunk = num_layers // (pp * vpp)
+    layer, rest = layer_of(name)
+    if layer is not None:
+        chunk = layer // per_chunk
+        return chunk % pp, chunk // pp, f"decoder.layers.{layer % per_chunk}.{rest}"
+    return (0, 0, name) if name.startswith("embedding.") else (pp - 1, vpp - 1, name)
+
+
 def _read_legacy(path, ranks, args, names, meta):
     tp, pp = 1 + max(t for t, _ in ranks), 1 + max(p for _, p in ranks)
     if len(ranks) != tp * pp:
         raise ConversionError(f"{path}: {len(ranks)} rank files for a {tp} x {pp} TP x PP layout; some are missing")
-    layers_per_stage = args["model"]["num_layers"] // pp
+    vpp = len(chunks_of(load_legacy(ranks[(0, 0)]), ranks[(0, 0)]))
+    num_layers = args["model"]["num_layers"]
+    if num_layers % (pp * vpp):
+        raise ConversionError(f"{path}: {num_layers} layers do not split evenly into {pp} x {vpp} pipeline chunks "
+                              f"(an uneven split is not read)")
     for mapping, name in names:
-        stage, local = stage_of(name, layers_per_stage, pp)
+        stage, chunk, local = locate(name, num_layers, pp, vpp)
         parts = []
         for t in range(tp):
             # a fresh memory map per tensor (a pickle parse): the pages a read touches are released with
             # the tensor, instead of a whole stage's files staying resident
-            shard = load_legacy(ranks[(t, stage)])["model"]
-            if local not in shard:
-                raise ConversionError(f"{ranks[(t, stage)]}: missing tensor {local} (global {name})")
-            parts.append(meta_like(shard[local]) if meta else shard[local])
+            file = ranks[(t, stage)]
+            shard = chunks_of(load_legacy(file), file)[chunk]
+            spelled = next((n for n in spellings(local) if n in shard), None)
+            if spelled is None:
+                raise ConversionError(f"{file}: missing tensor {local} (global {name})")
+            parts.append(meta_like(shard[spelled]) if meta else shard[spelled])
         yield name, merge_tp(parts, tp_kind(mapping, name))
 
 
@@ -239,19 +329,29 @@ class _ReproducibleWriter(FileSystemWriter):
         return None
 
 
+def stored_args(args: Dict[str, Any], planned: List[Tuple[str, torch.Tensor]], tp: int, pp: int, fmt: str,
+                transformer_impl: str = "transformer_engine"):
+    """The `args` a checkpoint we write stores: Megatron-LM's Namespace for this layout and precision."""
+    dtype = next((t.dtype for _, t in planned if t.is_floating_point()), torch.float32)
+    return megatron_args.namespace(args, tp, pp, transformer_impl=transformer_impl, dtype=dtype,
+                                   iteration=ITERATION, ckpt_format=fmt)
+
+
 def write_torch_dist(dst: Path, args: Dict[str, Any], planned: List[Tuple[str, torch.Tensor]],
-                     tensors: Iterator[Tuple[Mapping, str, torch.Tensor]]) -> None:
+                     tensors: Iterator[Tuple[Mapping, str, torch.Tensor]], tp: int = 1) -> None:
     """`planned`: every (global name, meta tensor) in the order `tensors` will yield them. DCP writes in
-    plan order (one file, one thread) and asks for each tensor only when it writes it."""
-    folder = iteration_dir(dst, 0)
+    plan order (one file, one thread) and asks for each tensor only when it writes it. Norms keep TE's
+    names: megatron-core's local layers map theirs onto them in a sharded state dict."""
+    folder = iteration_dir(dst, ITERATION)
     folder.mkdir()
     # no fsync, like the HF side and the copy baseline: a crash before `publishing` renames loses nothing
     writer = _ReproducibleWriter(str(folder), single_file_per_rank=True, thread_count=1, sync_files=False)
     planner = StreamingSavePlanner(planned, args["model"]["num_layers"], tensors)
     save({}, storage_writer=writer, planner=planner, no_dist=True)
-    torch.save({"iteration": 0, "args": args}, folder / COMMON_FILE)
+    torch.save({"iteration": ITERATION, "checkpoint_version": megatron_args.CHECKPOINT_VERSION,
+                "args": stored_args(args, planned, tp, 1, "torch_dist")}, folder / COMMON_FILE)
     (folder / "metadata.json").write_text(json.dumps(TORCH_DIST_CONFIG))
-    (dst / TRACKER).write_text("0")
+    (dst / TRACKER).write_text(str(ITERATION))
 
 
 def _write_item(name: str, tensor: torch.Tensor, num_layers: int):
@@ -290,24 +390,31 @@ class StreamingSavePlanner(DefaultSavePlanner):
         return tensor.unsqueeze(0) if stored_key(name)[1] is not None else tensor
 
 
-def write_legacy_rank(dst: Path, args: Dict[str, Any], tensors: Iterator[Tuple[Mapping, str, torch.Tensor]], tp: int,
-                      tp_rank: int, pp: int, stage: int) -> None:
-    """One rank file (`tp_rank` of pipeline stage `stage`), from that stage's global tensors."""
-    per_stage = args["model"]["num_layers"] // pp
+def write_legacy_rank(dst: Path, args: Any, tensors: Iterator[Tuple[Mapping, str, torch.Tensor]], tp: int,
+                      tp_rank: int, pp: int, stage: int, transformer_impl: str = "transformer_engine") -> None:
+    """One rank file (`tp_rank` of pipeline stage `stage`), from that stage's global tensors; `args` the
+    Namespace it stores (stored_args), or our dict. transformer_impl=local names the norms as
+    megatron-core's local layers do."""
+    if isinstance(args, dict):
+        args = megatron_args.namespace(args, tp, pp, transformer_impl=transformer_impl, iteration=ITERATION)
+    ours = megatron_args.our_args(args, str(dst))
+    per_stage = ours["model"]["num_layers"] // pp
+    rename = local_name if transformer_impl == "local" else (lambda n: n)
     model: Dict[str, torch.Tensor] = {}
     for mapping, name, tensor in tensors:
         where, local = stage_of(name, per_stage, pp)
         assert where == stage, (name, where, stage)
         shard = split_tp(tensor, tp_kind(mapping, name), tp)[tp_rank]
         # a view would save (and keep alive) the whole tensor's storage
-        model[local] = shard if shard.untyped_storage().nbytes() == shard.nbytes else shard.clone()
-    if args["model"]["tie_word_embeddings"] and pp > 1 and stage == pp - 1:
+        model[rename(local)] = shard if shard.untyped_storage().nbytes() == shard.nbytes else shard.clone()
+    if ours["model"]["tie_word_embeddings"] and pp > 1 and stage == pp - 1:
         # megatron-core keeps the tied output weight on the last stage too
-        first = load_legacy(iteration_dir(dst, 0) / rank_dir(tp_rank, 0, pp) / LEGACY_FILE)["model"]
+        first = load_legacy(iteration_dir(dst, ITERATION) / rank_dir(tp_rank, 0, pp) / LEGACY_FILE)["model"]
         model["output_layer.weight"] = first["embedding.word_embeddings.weight"].clone()
-    folder = iteration_dir(dst, 0) / rank_dir(tp_rank, stage, pp)
+    folder = iteration_dir(dst, ITERATION) / rank_dir(tp_rank, stage, pp)
     folder.mkdir(parents=True)
-    torch.save({"model": model, "args": args, "iteration": 0, "checkpoint_version": 3.0}, folder / LEGACY_FILE)
+    torch.save({"model": model, "args": args, "iteration": ITERATION,
+                "checkpoint_version": megatron_args.CHECKPOINT_VERSION}, folder / LEGACY_FILE)
 
 
 def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:

@@ -47,8 +47,8 @@ def verify(hf_dir: Path, megatron_dir: Path, tolerance: float, report_path: Path
                          + "\n".join(proc.stderr.splitlines()[-15:]))
     report = json.loads(report_path.read_text())
     if proc.returncode != 0:
-        raise StageError(f"{megatron_dir} does not reproduce {hf_dir}: max |logit difference| "
-                         f"{report['max_abs_diff']:.3g} > tolerance {tolerance}")
+        raise StageError(report.get("problem") or f"{megatron_dir} does not reproduce {hf_dir}: max |logit "
+                         f"difference| {report['max_abs_diff']:.3g} > tolerance {tolerance}")
     return report
 
 

@@ -1,13 +1,26 @@
-"""Same tokens through an HF model and a Megatron checkpoint (megatron-core GPTModel): max |logit
-difference| and top-1 agreement.
+"""Same tokens through two checkpoints, each an HF dir (config.json) or a Megatron checkpoint
+(latest_checkpointed_iteration.txt + iter_*/): max |logit difference|, KL divergence and top-1
+agreement, at a context long enough to exercise RoPE scaling.
 
-    torchrun --nproc_per_node <tp> -m pipeline.convert.verify <hf_dir> <megatron_dir> <out.json>
+    pipeline verify a=<dir> b=<dir> [seq_len=N tolerance=1e-4 tp=N report=<json>]
+    torchrun --nproc_per_node <tp> -m pipeline.convert.verify <a> <b> <out.json> <seq_len> <tolerance>
 
-The Megatron side is loaded at TP = the number of processes (PP 1), through the megatron backend's
-own model builder: a torch_dist checkpoint through its checkpoint loader (any layout), a legacy one
-by loading each rank's file into that rank's module with strict names and shapes (its TP must be
-the number of processes). The vocab-parallel logits are gathered across TP and cut to the true
-vocabulary. Rank 0 runs the HF side on the CPU in fp32 and writes the report.
+HF vs HF runs in the calling process (`compare`); any Megatron side runs under torchrun (`main`). A
+Megatron side is loaded at TP = the number of processes (PP 1), through the megatron backend's own
+model builder: a torch_dist checkpoint through its checkpoint loader (any layout), a legacy one by
+loading each rank's file into that rank's module with strict names and shapes (its TP must be the
+number of processes). The vocab-parallel logits are gathered across TP and cut to the true
+vocabulary. HF sides run on rank 0, on the CPU, in fp32; rank 0 writes the report.
+
+The context is `seq_len` positions (default 1024, capped at the smaller max_position_embeddings of
+the two, which the report and the log line say). The report holds:
+- `max_abs_diff`: max |logit a - logit b| over every position and token of the vocabulary;
+- `kl_divergence`: KL(softmax(a) || softmax(b)), the mean over positions;
+- `top1_agreement`: the fraction of positions whose argmax agree;
+- `diff_by_position`: the max |diff| in each of 8 equal windows of positions, and `position_growth`,
+  the last window's over the first's (a diff that grows with position points at RoPE);
+- `config_differences` and `likely_causes`: what the two configs (HF config.json as model.*, or the
+  Megatron stored args) disagree on: RoPE settings, vocabulary and its padding, norm eps, head_dim.
 """
 from __future__ import annotations
 
@@ -15,21 +28,158 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
-from pipeline.convert.megatron_io import legacy_ranks, load_legacy, read_args
-from pipeline.train.job import Parallel, TrainJob, TrainSettings
-from pipeline.train.mcore import checkpoint, cpu
-from pipeline.train.mcore import model as models
+from pipeline.convert.megatron_io import checkpoint_path, legacy_ranks, load_legacy, read_args
+from pipeline.errors import ConversionError
+from pipeline.formats.checkpoints import TRACKER
+from pipeline.models import by_architecture
+from pipeline.models.hf_config import CONFIG_FIELDS, model_from_hf
 
-PROMPT_TOKENS = 48
+SEQ_LEN = 1024  # default context: past the original context of the RoPE-scaled families we test
+TOLERANCE = 1e-4  # max |logit difference| in fp32
+WINDOWS = 8  # diff_by_position: this many equal windows of positions
 # Megatron-LM's files use Transformer Engine's names for the norms fused into the next linear layer;
 # megatron-core's local layers (the CPU path) call them as below
 LOCAL_NAMES = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
                "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
+ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+             "rope_original_max_position_embeddings")
+VOCAB_KEYS = ("vocab_size", "padded_vocab_size", "make_vocab_size_divisible_by")
 
+
+# ----------------------------------------------------------------------------- the two sides
+
+def side_kind(path: Path) -> str:
+    """'hf' (a config.json), 'megatron' (a tracker file or iter_* dirs), or a ConversionError naming the dir."""
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / TRACKER).is_file() or any(path.glob("iter_*")):
+        return "megatron"
+    what = "does not exist" if not path.exists() else "has neither config.json (HF) nor " \
+        f"{TRACKER} / iter_*/ (Megatron)"
+    raise ConversionError(f"{path}: {what}; verify compares HF dirs and Megatron checkpoint dirs")
+
+
+def megatron_layout(path: Path) -> Optional[Tuple[int, int]]:
+    """(tp, pp) of a legacy checkpoint, None for torch_dist (it loads at any layout)."""
+    ranks = legacy_ranks(checkpoint_path(path))
+    if not ranks:
+        return None
+    return max(t for t, _ in ranks) + 1, max(p for _, p in ranks) + 1
+
+
+def layout_problem(layouts: List[Optional[Tuple[int, int]]], tp: Optional[int]) -> Tuple[Optional[str], int]:
+    """(a reason verify cannot load these sides together, or None; the TP to run at). A legacy
+    checkpoint is loaded at its own TP and PP 1."""
+    legacy = [lay for lay in layouts if lay]
+    if any(pp > 1 for _, pp in legacy):
+        return "a legacy (format=torch) checkpoint with pp > 1 cannot be verified (verify loads legacy files at " \
+               "pp 1); convert it to torch_dist or pp=1 first", 1
+    tps = {t for t, _ in legacy}
+    if len(tps) > 1:
+        return f"legacy checkpoints at tp {' and '.join(map(str, sorted(tps)))} cannot be loaded in one run; " \
+               f"convert one to torch_dist first", 1
+    if tps and tp is not None and tp not in tps:
+        return f"tp={tp}: a legacy checkpoint loads only at its own tp {next(iter(tps))}", 1
+    return None, (next(iter(tps)) if tps else tp or 1)
+
+
+def hf_settings(path: Path) -> Dict[str, Any]:
+    """An HF config.json as model.* (pipeline/models/hf_config.py), with the vocabulary; a config the
+    family table refuses is read by its mapped names only."""
+    config = json.loads((path / "config.json").read_text())
+    try:
+        model = model_from_hf(config, by_architecture((config.get("architectures") or ["?"])[0]))
+    except Exception:  # a diagnosis, not a conversion: take what the names give
+        fields = CONFIG_FIELDS.get(config.get("model_type"), CONFIG_FIELDS["llama"])
+        model = {ours: config.get(hf) for ours, hf in fields.items() if hf}
+        model["rope_theta"] = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
+    model["vocab_size"] = config.get("vocab_size")
+    return model
+
+
+def megatron_settings(path: Path) -> Dict[str, Any]:
+    _, args = read_args(path)
+    return {**args["model"], **{k: args.get(k) for k in VOCAB_KEYS}}
+
+
+def settings(path: Path, kind: str) -> Dict[str, Any]:
+    return hf_settings(path) if kind == "hf" else megatron_settings(path)
+
+
+def resolved_head_dim(m: Dict[str, Any]) -> Optional[int]:
+    if m.get("head_dim"):
+        return m["head_dim"]
+    if m.get("hidden_size") and m.get("num_attention_heads"):
+        return m["hidden_size"] // m["num_attention_heads"]
+    return None
+
+
+def config_differences(a: Dict[str, Any], b: Dict[str, Any], kinds: Tuple[str, str]) -> Dict[str, List[Any]]:
+    """key -> [a's value, b's value] for every model setting both sides state and disagree on. An HF
+    side has no padded embedding: padding is compared only between two Megatron sides."""
+    a, b = dict(a), dict(b)
+    a["head_dim"], b["head_dim"] = resolved_head_dim(a), resolved_head_dim(b)
+    out = {}
+    for key in sorted(set(a) & set(b)):
+        if key in ("padded_vocab_size", "make_vocab_size_divisible_by") and kinds != ("megatron", "megatron"):
+            continue
+        va, vb = a[key], b[key]
+        if va is None or vb is None:
+            continue
+        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
+            if float(va) == float(vb):
+                continue
+        elif va == vb:
+            continue
+        out[key] = [va, vb]
+    return out
+
+
+def shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def likely_causes(diffs: Dict[str, List[Any]]) -> List[str]:
+    """One line per kind of setting that differs, most telling first."""
+    def listed(keys):
+        return ", ".join(f"{k} {shown(diffs[k][0])} vs {shown(diffs[k][1])}" for k in keys)
+
+    groups = [("rope settings differ", [k for k in ROPE_KEYS if k in diffs]),
+              ("vocab differs", [k for k in ("vocab_size",) if k in diffs]),
+              ("vocab padding differs", [k for k in ("padded_vocab_size", "make_vocab_size_divisible_by")
+                                         if k in diffs]),
+              ("norm eps differs", [k for k in ("norm_eps",) if k in diffs]),
+              ("head_dim differs", [k for k in ("head_dim",) if k in diffs])]
+    causes = [f"{what}: {listed(keys)}" for what, keys in groups if keys]
+    named = {k for _, keys in groups for k in keys}
+    rest = [k for k in diffs if k not in named]
+    if rest:
+        causes.append(f"other settings differ: {listed(rest)}")
+    return causes
+
+
+def max_positions(m: Dict[str, Any]) -> Optional[int]:
+    return m.get("max_position_embeddings")
+
+
+def plan_seq_len(requested: Optional[int], a: Dict[str, Any], b: Dict[str, Any]) -> Tuple[int, Optional[str]]:
+    """The context to compare at, and a note when the models' max_position_embeddings capped it."""
+    want = requested or SEQ_LEN
+    limits = [n for n in (max_positions(a), max_positions(b)) if n]
+    if limits and min(limits) < want:
+        return min(limits), f"seq_len {want} capped at the models' max_position_embeddings {min(limits)}"
+    return want, None
+
+
+def prompt(vocab: int, seq_len: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- logits
 
 def to_module_names(shard, module):
     """A legacy shard's names as this module's state_dict spells them."""
@@ -44,13 +194,19 @@ def to_module_names(shard, module):
 
 
 def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
+    from pipeline.train.job import Parallel, TrainJob, TrainSettings
+    from pipeline.train.mcore import checkpoint
+    from pipeline.train.mcore import model as models
+
     path, args = read_args(ckpt_root)
     tp = dist.get_world_size()
-    ps.initialize_model_parallel(tp, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tp, 1)
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
     # the job of a training run at this layout, as far as building its model needs one
     parallel = Parallel(tp=tp, pp=1, vpp=None, sequence_parallel=False, distributed_optimizer=False, recompute="none")
     job = TrainJob(model=args["model"], train=TrainSettings(parallel=parallel),
@@ -67,14 +223,14 @@ def megatron_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
         checkpoint.load_checkpoint(path, model, None, None, {})
     model[0].eval()
     seq = tokens.shape[1]
-    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)  # True = masked (future positions)
+    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool, device=tokens.device).triu(1)  # True = masked (future)
     with torch.no_grad():
-        logits = model[0](tokens, torch.arange(seq).unsqueeze(0), mask)
+        logits = model[0](tokens, torch.arange(seq, device=tokens.device).unsqueeze(0), mask)
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     return logits[..., :args["vocab_size"]].float()
 
 
-def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -82,30 +238,119 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
         return hf(tokens).logits.float()
 
 
-def main(hf_dir: str, megatron_dir: str, out: str) -> None:
-    from transformers import AutoConfig
+# ----------------------------------------------------------------------------- the report
 
-    vocab = AutoConfig.from_pretrained(hf_dir).vocab_size
-    tokens = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+def metrics(la: torch.Tensor, lb: torch.Tensor) -> Dict[str, Any]:
+    """max |diff|, mean KL(softmax(a) || softmax(b)), top-1 agreement and the diff by position window,
+    over the vocabulary both sides share."""
+    vocab = min(la.shape[-1], lb.shape[-1])
+    la, lb = la[0, :, :vocab].double(), lb[0, :, :vocab].double()
+    diff = (la - lb).abs().amax(-1)  # per position
+    pa, pb = torch.log_softmax(la, -1), torch.log_softmax(lb, -1)
+    kl = (pa.exp() * (pa - pb)).sum(-1).clamp_min(0)
+    seq = diff.shape[0]
+    edges = [round(i * seq / WINDOWS) for i in range(WINDOWS + 1)]
+    windows = [{"positions": [lo, hi - 1], "max_abs_diff": float(diff[lo:hi].max())}
+               for lo, hi in zip(edges, edges[1:]) if hi > lo]
+    first, last = windows[0]["max_abs_diff"], windows[-1]["max_abs_diff"]
+    return {"max_abs_diff": float(diff.max()), "kl_divergence": float(kl.mean()),
+            "top1_agreement": float((la.argmax(-1) == lb.argmax(-1)).double().mean()),
+            "diff_by_position": windows, "position_growth": (last / first) if first > 0 else (0.0 if last == 0 else
+                                                                                              float("inf"))}
+
+
+def finish(report: Dict[str, Any], a: Path, b: Path, kinds: Tuple[str, str], sa: Dict[str, Any],
+           sb: Dict[str, Any], tolerance: float) -> Dict[str, Any]:
+    """The pass/fail verdict, the config differences, and a failure's explanation."""
+    diffs = config_differences(sa, sb, kinds)
+    causes = likely_causes(diffs)
+    passed = report["max_abs_diff"] <= tolerance
+    grows = report["position_growth"] > 4 and report["diff_by_position"][-1]["max_abs_diff"] > tolerance
+    if not passed and grows:
+        w0, w1 = report["diff_by_position"][0], report["diff_by_position"][-1]
+        causes.append(f"the diff grows with position ({w0['max_abs_diff']:.3g} at positions "
+                      f"{w0['positions'][0]}-{w0['positions'][1]}, {w1['max_abs_diff']:.3g} at "
+                      f"{w1['positions'][0]}-{w1['positions'][1]}): this suggests RoPE (theta or scaling)")
+    report.update({"a": str(a), "b": str(b), "kinds": list(kinds), "tolerance": tolerance, "passed": passed,
+                   "config_differences": diffs, "likely_causes": causes if not passed else []})
+    if not passed:
+        report["problem"] = failure_message(report)
+    return report
+
+
+def failure_message(report: Dict[str, Any]) -> str:
+    a, b = report["a"], report["b"]
+    ka, kb = report["kinds"]
+    head = (f"b ({kb}: {b}) does not reproduce a ({ka}: {a}) at {report['seq_len']} positions: max |logit "
+            f"difference| {report['max_abs_diff']:.3g} > tolerance {report['tolerance']:g} (KL "
+            f"{report['kl_divergence']:.3g}, top-1 agreement {report['top1_agreement']:.3f})")
+    causes = report.get("likely_causes") or ["the configs agree on every setting compared: the weights differ "
+                                             "(a tensor mapped wrong, or a different checkpoint)"]
+    return head + "; " + "; ".join(causes)
+
+
+def summary(report: Dict[str, Any]) -> str:
+    """The log line."""
+    verdict = "OK" if report["passed"] else "FAILED"
+    cap = f" ({report['seq_len_note']})" if report.get("seq_len_note") else ""
+    return (f"verify {verdict}: max |logit diff| {report['max_abs_diff']:.3g} (tolerance {report['tolerance']:g}), "
+            f"KL {report['kl_divergence']:.3g}, top-1 agreement {report['top1_agreement']:.4f} over "
+            f"{report['seq_len']} positions{cap}")
+
+
+def prepare(a: Path, b: Path, seq_len: Optional[int]):
+    kinds = (side_kind(a), side_kind(b))
+    sa, sb = settings(a, kinds[0]), settings(b, kinds[1])
+    seq, note = plan_seq_len(seq_len, sa, sb)
+    vocab = min(v for v in (sa.get("vocab_size"), sb.get("vocab_size")) if v)
+    return kinds, sa, sb, seq, note, prompt(vocab, seq)
+
+
+def compare(a: Path, b: Path, out: Optional[Path], seq_len: Optional[int] = None,
+            tolerance: float = TOLERANCE) -> Dict[str, Any]:
+    """Two HF dirs, in this process (no torchrun needed)."""
+    kinds, sa, sb, seq, note, tokens = prepare(a, b, seq_len)
+    if kinds != ("hf", "hf"):
+        raise ConversionError("compare() runs HF vs HF only; a Megatron side runs under torchrun (main)")
+    report = {**metrics(hf_logits(a, tokens), hf_logits(b, tokens)), "seq_len": seq, "seq_len_note": note, "tp": None}
+    report = finish(report, a, b, kinds, sa, sb, tolerance)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(a: str, b: str, out: str, seq_len: str = "0", tolerance: str = str(TOLERANCE)) -> None:
+    """Under torchrun: any two sides, at least one of them Megatron."""
+    import torch.distributed as dist
+
+    from pipeline.train.mcore import cpu
+
+    pa, pb = Path(a), Path(b)
+    kinds, sa, sb, seq, note, tokens = prepare(pa, pb, int(seq_len) or None)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     # HF first: the CPU compatibility layer below rewires torch for megatron-core, and a transformers
     # model loaded after it gets uninitialised rotary buffers
-    ours = hf_logits(hf_dir, tokens) if int(os.environ.get("RANK", "0")) == 0 else None
+    logits: List[Optional[torch.Tensor]] = [hf_logits(p, tokens) if k == "hf" and rank0 else None
+                                            for p, k in zip((pa, pb), kinds)]
     cuda = torch.cuda.is_available()
     if not cuda:
         cpu.install()
     else:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
-    theirs = megatron_logits(Path(megatron_dir), tokens.to("cuda" if cuda else "cpu")).cpu()
+    device = "cuda" if cuda else "cpu"
+    for i, (p, k) in enumerate(zip((pa, pb), kinds)):
+        if k == "megatron":
+            logits[i] = megatron_logits(p, tokens.to(device)).cpu()
     if dist.get_rank() == 0:
-        report = {"max_abs_diff": float((ours - theirs).abs().max()),
-                  "top1_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
-                  "tokens": PROMPT_TOKENS, "tp": dist.get_world_size()}
+        report = {**metrics(logits[0], logits[1]), "seq_len": seq, "seq_len_note": note, "tp": dist.get_world_size()}
+        report = finish(report, pa, pb, kinds, sa, sb, float(tolerance))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))
-        print(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:6])

@@ -1,8 +1,9 @@
-"""Llama-2/3 and Mistral (and, with QKV biases, Qwen2): RMSNorm, SwiGLU, RoPE, grouped-query attention.
+"""Llama-2/3 (3.2's tied embeddings, 3.1's llama3 RoPE scaling) and Mistral (its head_dim, no sliding
+window): RMSNorm, SwiGLU, RoPE, grouped-query attention. Qwen2 and Qwen3 build on this table.
 
 megatron-core names are those its local layer spec saves (the norms under Transformer Engine's
 names: `linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`)."""
-from pipeline.models.mapping import QKV, Direct, Family, GatedMLP, Vocab
+from pipeline.models.mapping import COMMON_HF_IGNORED, QKV, Direct, Family, GatedMLP, Vocab
 
 ATTN = "model.layers.*.self_attn"
 LLAMA_MAPPINGS = (
@@ -19,5 +20,35 @@ LLAMA_MAPPINGS = (
     Vocab("output_layer.weight", ("lm_head.weight",)),
 )
 
+# model.* key -> HF config field (RoPE's fields: Family.rope)
+LLAMA_FIELDS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads",
+                "ffn_hidden_size": "intermediate_size", "max_position_embeddings": "max_position_embeddings",
+                "norm_eps": "rms_norm_eps", "tie_word_embeddings": "tie_word_embeddings", "head_dim": "head_dim"}
+LLAMA_MEGATRON = dict(normalization="RMSNorm", gated_linear_unit=True, activation="silu", add_bias_linear=False,
+                      add_qkv_bias=False, qk_layernorm=False, position_embedding_type="rope")
+ROPE_SCALING = {"rope_scaling": ("none", "linear", "llama3"), "rope_scaling_factor": None,
+                "rope_low_freq_factor": None, "rope_high_freq_factor": None,
+                "rope_original_max_position_embeddings": None}
+LLAMA_IGNORED = {**COMMON_HF_IGNORED, "pretraining_tp": "Llama-2's sliced matmuls: the same product"}
+LLAMA_FIXED = {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,),
+               "sliding_window": (None,)}  # Mistral's: sliding-window attention is not supported
+
+
+def decoder_parameters(m, vocab: int, qkv_bias: bool = False, qk_norm: bool = False) -> int:
+    """Embeddings (+ output layer unless tied), per layer q/k/v/o (+ q/k/v biases, + q/k norms), a gated
+    MLP and two norms, and the final norm."""
+    h, heads = m["hidden_size"], m["num_attention_heads"]
+    d = m.get("head_dim") or h // heads
+    q, kv = heads * d, (m.get("num_key_value_heads") or heads) * d
+    ffn = m.get("ffn_hidden_size") or 4 * h
+    attention = 2 * h * q + 2 * h * kv + (q + 2 * kv if qkv_bias else 0) + (2 * d if qk_norm else 0)
+    per_layer = attention + 3 * h * ffn + 2 * h
+    return m["num_layers"] * per_layer + vocab * h * (1 if m["tie_word_embeddings"] else 2) + h
+
+
 FAMILY = Family("llama", ("LlamaForCausalLM", "MistralForCausalLM"), LLAMA_MAPPINGS,
-                ignorable_hf=("rotary_emb.inv_freq",))
+                ignorable_hf=("rotary_emb.inv_freq",), hf_fields=LLAMA_FIELDS, rope=True,
+                hf_fixed=LLAMA_FIXED,
+                hf_ignored=LLAMA_IGNORED, megatron=LLAMA_MEGATRON, features={"head_dim": None, **ROPE_SCALING},
+                parameters=decoder_parameters)

@@ -8,7 +8,7 @@ and a mismatch names the mapping, the direction, what was expected and what was 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -146,10 +146,46 @@ class GatedMLP(Mapping):
         return [t.contiguous() for t in tensor.chunk(2)]
 
 
-@dataclass(frozen=True)
+# HF config fields of every family that change neither the weights nor the logits.
+COMMON_HF_IGNORED = {
+    "architectures": "picks the family (pipeline.models.by_architecture); written back from the family",
+    "model_type": "implied by the architecture; written back from the family",
+    "_name_or_path": "where HF last loaded the model from",
+    "transformers_version": "the version that wrote the file",
+    "torch_dtype": "the storage dtype: the tensors carry their own (convert's dtype= casts)",
+    "dtype": "the storage dtype: the tensors carry their own (convert's dtype= casts)",
+    "use_cache": "generation-time KV cache switch",
+    "bos_token_id": "special ids are the tokenizer's; eos_token_id is kept as the checkpoint's eod_id",
+    "eos_token_id": "special ids are the tokenizer's; eos_token_id is kept as the checkpoint's eod_id",
+    "pad_token_id": "special ids are the tokenizer's",
+    "initializer_range": "initialisation only: the weights are given",
+    "output_attentions": "HF runtime output switch", "output_hidden_states": "HF runtime output switch",
+    "return_dict": "HF runtime output switch", "use_return_dict": "HF runtime output switch",
+    "id2label": "classification heads only", "label2id": "classification heads only",
+    "problem_type": "classification heads only", "finetuning_task": "HF task metadata",
+    "task_specific_params": "HF task metadata", "tokenizer_class": "the tokenizer's files say it",
+    "chunk_size_feed_forward": "HF memory option, same result", "is_encoder_decoder": "decoder-only families",
+    "tie_encoder_decoder": "decoder-only families", "pruned_heads": "HF pruning bookkeeping",
+    "quantization_config": "refused by the tensors' dtypes if present",
+    "attention_dropout": "dropout: training only (megatron trains with attention_dropout 0)",
+    "torchscript": "HF export option",
+}
+
+
+Check = Union[Tuple[Any, ...], Callable[[Any], bool]]  # the values an HF config field may hold, or a test
+
+
+@dataclass(frozen=True, eq=False)
 class Family:
-    """One model family: its HF architectures, its mapping table, and what HF files may hold that
-    carries no weights (buffers)."""
+    """Everything about one model family, in one table (its module in pipeline/models/ fills it in):
+
+    - HF: the architectures served, the tensor table, HF buffers to skip; the HF config's `model_type`,
+      its field per model.* key (`hf_fields`), and every other field it may hold: `hf_fixed` (must hold
+      one of these values, or pass this test, or the checkpoint is refused naming it) or `hf_ignored`
+      (field -> why it does not matter). Any field in none of them is refused.
+    - megatron-core: its TransformerConfig settings and GPTModel's position embedding (`megatron`).
+    - model.*: the values each optional feature may take for it (`features`; a key not listed must
+      keep its default), and its parameter count (`parameters(model, vocab)`)."""
 
     name: str  # our model.family
     architectures: Tuple[str, ...]  # HF config.architectures[0] values served by this table
@@ -157,6 +193,18 @@ class Family:
     output_layer: str = "output_layer.weight"  # absent from both sides when embeddings are tied
     hf_output: str = "lm_head.weight"
     ignorable_hf: Tuple[str, ...] = field(default_factory=tuple)  # suffixes of HF buffers to skip
+    model_type: str = ""  # HF's model_type (AutoConfig.for_model); "" = name
+    hf_fields: Dict[str, str] = field(default_factory=dict)  # model.* key -> HF config field
+    rope: bool = False  # positions by RoPE: HF's rope_parameters (or rope_theta + rope_scaling) carry them
+    hf_fixed: Dict[str, Check] = field(default_factory=dict)
+    hf_ignored: Dict[str, str] = field(default_factory=dict)
+    megatron: Dict[str, Any] = field(default_factory=dict)
+    features: Dict[str, Tuple[Any, ...]] = field(default_factory=dict)  # model.* key -> the values allowed
+    parameters: Optional[Callable[[Any, int], int]] = None
+
+    @property
+    def hf_model_type(self) -> str:
+        return self.model_type or self.name
 
     def expanded(self, num_layers: int, tied: bool) -> List[Tuple[Mapping, str, Tuple[str, ...]]]:
         """Every (mapping, megatron name, HF names) of a model, layer names filled in, upstream first."""

@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError, StageError
 from pipeline.files import canonical_json
 from pipeline.formats.checkpoints import complete_checkpoints
 from pipeline.formats.indexed import IndexedReader, check_training_data, token_dtype
+from pipeline.models import check_model
 from pipeline.runner import (
     CHECKPOINTS,
     FINGERPRINT,
@@ -105,6 +106,7 @@ def check(cfg) -> None:
     """Everything about training that the config and this machine can tell, checked before any stage runs
     (and by --dry-run), so a bad setting costs seconds, not the hours of the data stages before it."""
     t = cfg.train
+    check_model(cfg.model)  # model.family, and the model.* features that family supports
     launch.validate(cfg.launcher)
     check_tracker(t)
     check_resume_from(t)

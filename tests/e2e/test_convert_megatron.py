@@ -8,7 +8,8 @@ import torch
 from conftest import cli_subprocess, convert, copy_data_stages, fast_overrides, log_losses, tiny_hf
 
 
-@pytest.mark.parametrize("family,fmt", [("llama", "torch_dist"), ("qwen2", "torch"), ("gpt2", "torch_dist")])
+@pytest.mark.parametrize("family,fmt", [("llama", "torch_dist"), ("qwen2", "torch"), ("gpt2", "torch_dist"),
+                                        ("qwen3", "torch_dist"), ("llama3", "torch")])
 def test_megatron_core_at_tp2_gives_the_hf_logits(tmp_path, family, fmt):
     """Loaded in megatron-core at TP=2 under torchrun (torch_dist through dist_checkpointing, legacy files
     straight into each rank's module with strict names and shapes)."""

@@ -184,11 +184,14 @@ def run_copy(base_run, tmp_path):
     ("qwen2", "tp2", ("model.tie_word_embeddings=true",), ["decoder.layers.self_attention.linear_qkv.bias"]),
     ("gpt2", "pp2", ("model.num_key_value_heads=null", "model.ffn_hidden_size=null", "model.tie_word_embeddings=true"),
      ["embedding.position_embeddings.weight", "decoder.layers.mlp.linear_fc1.bias"]),
+    ("qwen3", "tp2", ("model=tiny_qwen3", "model.rope_scaling=llama3", "model.rope_scaling_factor=8",
+                      "model.rope_original_max_position_embeddings=64", "model.tie_word_embeddings=true"),
+     ["decoder.layers.self_attention.q_layernorm.weight", "decoder.layers.self_attention.k_layernorm.weight"]),
 ])
 def test_qwen2_and_gpt2_families_train(corpus, run_copy, family, layout, overrides, keys):
-    """Qwen2 (QKV bias, tied embeddings) at TP=2 and GPT-2 (learned positions, LayerNorm and linear biases,
-    embeddings tied across the two pipeline stages) at PP=2: they train, and the checkpoint holds
-    their tensors."""
+    """Qwen2 (QKV bias, tied embeddings) at TP=2, GPT-2 (learned positions, LayerNorm and linear biases,
+    embeddings tied across the two pipeline stages) at PP=2 and Qwen3 (q/k norms, head_dim 32 != hidden /
+    heads, llama3 RoPE scaling) at TP=2: they train, and the checkpoint holds their tensors."""
     from megatron.core import dist_checkpointing
 
     result = cli_subprocess(*train_args(corpus, run_copy, f"model.family={family}", *overrides, *LAYOUTS[layout],

@@ -38,7 +38,7 @@ def test_a_non_empty_dst_is_refused_untouched_and_overwrite_true_replaces_it(hf,
     assert tree(dst) == {"mine.txt": b"not the pipeline's"} and sorted(os.listdir(tmp_path)) == ["out"]
 
     assert convert(capsys, f"src={hf}", f"dst={dst}", "to=megatron", "overwrite=true")[0] == 0
-    assert sorted(os.listdir(dst)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(dst)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
     assert sorted(os.listdir(tmp_path)) == ["out"]  # the old dst (moved aside) and the partial are gone
     first = tree(dst)
     # a previous output of the same command is replaced only on request too

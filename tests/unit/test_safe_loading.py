@@ -28,7 +28,7 @@ from pipeline.formats.checkpoints import COMPLETE
 
 from conftest import REPO, cli, tiny_hf
 
-ITER = "iter_0000000"
+ITER = "iter_0000001"
 
 
 class Payload:
@@ -76,13 +76,13 @@ def replace_metadata(ckpt: Path, marker: Path) -> Path:
 
 def poison_common(ckpt: Path, marker: Path) -> Path:
     file = ckpt / ITER / "common.pt"
-    torch.save({**torch.load(file, weights_only=True), "extra": Payload(marker)}, file)
+    torch.save({**safeload.safe_torch_load(file), "extra": Payload(marker)}, file)
     return file
 
 
 def poison_legacy_rank(ckpt: Path, marker: Path) -> Path:
     file = ckpt / ITER / "mp_rank_01" / "model_optim_rng.pt"  # not the first rank: read with the tensors
-    torch.save({**torch.load(file, weights_only=True), "rng_state": [Payload(marker)]}, file)
+    torch.save({**safeload.safe_torch_load(file), "rng_state": [Payload(marker)]}, file)
     return file
 
 
@@ -125,7 +125,7 @@ def dcp_with_object(ckpt: Path, obj, converted) -> Path:
     save({"weight": torch.ones(4, 4), "rng_state": obj}, storage_writer=FileSystemWriter(str(folder)), no_dist=True)
     for name in ("common.pt", "metadata.json"):
         shutil.copy(converted / "dist" / ITER / name, folder / name)
-    (ckpt / "latest_checkpointed_iteration.txt").write_text("0")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1")
     return folder
 
 
@@ -138,7 +138,7 @@ from pipeline.train.mcore import checkpoint as me
 out = {}
 for ckpt in sys.argv[1:]:
     try:  # the check runs before the model is touched: no model is needed to be refused
-        me.load_checkpoint(iteration_dir(Path(ckpt), 0), None, None, None, {})
+        me.load_checkpoint(iteration_dir(Path(ckpt), 1), None, None, None, {})
         out[ckpt] = "loaded"
     except SystemExit as e:
         out[ckpt] = str(e)
@@ -176,7 +176,7 @@ def test_clean_checkpoints_read_as_dcp_reads_them(converted, tmp_path):
                                                              converted)):
         with open(folder / ".metadata", "rb") as f:  # DCP's FileSystemReader.read_metadata: pickle.load
             assert safeload.load_dcp_metadata(folder / ".metadata") == pickle.load(f)
-        assert safeload.check_torch_dist(folder)["args"]["model"]["num_layers"] == 2
+        assert safeload.check_torch_dist(folder)["args"].num_layers == 2
     assert safeload.safe_torch_load(converted / "legacy" / ITER / "mp_rank_00" / "model_optim_rng.pt")["model"]
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import safeload
+from pipeline.formats import megatron_args
 from pipeline.formats.checkpoints import TRACKER, iteration_dir, latest_iteration
 from pipeline.train.checkpoints import check_identity, remove_half_written, stale
 from pipeline.train.job import TrainJob
@@ -55,11 +56,27 @@ def sharded_state(model, optimizer, scheduler, progress: Dict[str, Any], with_rn
 
 @functools.lru_cache(maxsize=None)  # the stage asks for it twice before launch
 def read_checkpoint_args(ckpt_root: Path) -> Dict[str, Any]:
-    """The `args` a checkpoint of this backend stores (model, vocab sizes), from its newest iteration."""
+    """The `args` a checkpoint of this backend stores (model, vocab sizes), from its newest iteration, as
+    our dict (stored in Megatron-LM's Namespace since it has been, a plain dict before)."""
     latest = latest_iteration(ckpt_root)
     if latest is None:
         raise FileNotFoundError(f"no {TRACKER} in {ckpt_root}")
-    return safeload.safe_torch_load(iteration_dir(ckpt_root, latest) / safeload.COMMON_FILE)["args"]
+    path = iteration_dir(ckpt_root, latest) / safeload.COMMON_FILE
+    return megatron_args.our_args(safeload.safe_torch_load(path)["args"], str(path))
+
+
+def megatron_lm_args(model, args: Dict[str, Any], iteration: int):
+    """Megatron-LM's args for this run's checkpoints (its loaders and --use-checkpoint-args read them)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    vpp = len(model) if len(model) > 1 else None
+    dtype = next(model[0].parameters()).dtype
+    # the layer spec model.layer_spec picks
+    impl = "transformer_engine" if torch.cuda.is_available() and gpt_layer_specs.HAVE_TE else "local"
+    return megatron_args.namespace(args, ps.get_tensor_model_parallel_world_size(),
+                                   ps.get_pipeline_model_parallel_world_size(), vpp, impl, dtype, iteration,
+                                   "torch_dist")
 
 
 def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, progress: Dict[str, Any], keep: int) -> None:
@@ -71,6 +88,9 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, progress: Dict
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
     dist.barrier()
+    progress = {**progress, "checkpoint_version": megatron_args.CHECKPOINT_VERSION}
+    if isinstance(progress.get("args"), dict):
+        progress["args"] = megatron_lm_args(model, progress["args"], iteration)
     dist_checkpointing.save(sharded_state(model, optimizer, scheduler, progress, True, False), str(path))
     dist.barrier()  # every rank has written its shards
     if dist.get_rank() == 0:
@@ -176,8 +196,9 @@ def resume(job: TrainJob, ckpt_root: Path, model, optimizer, scheduler,
         path = chosen or iteration_dir(ckpt_root, latest)
         common = load_checkpoint(path, model, optimizer, scheduler, layout)
         check_identity(common, job.identity, path)
-        if common["args"]["padded_vocab_size"] != job.padded_vocab_size:
-            raise SystemExit(f"{path} has a {common['args']['padded_vocab_size']}-row embedding, this layout pads to "
+        stored = megatron_args.our_args(common["args"], str(path))
+        if stored["padded_vocab_size"] != job.padded_vocab_size:
+            raise SystemExit(f"{path} has a {stored['padded_vocab_size']}-row embedding, this layout pads to "
                              f"{job.padded_vocab_size}: pick train.make_vocab_size_divisible_by so that both TP "
                              f"sizes pad alike")
         if dist.get_rank() == 0:

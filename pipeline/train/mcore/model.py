@@ -7,19 +7,12 @@ from typing import List, Mapping, Union
 
 import torch
 
-from pipeline.models.hf_config import ffn_size
+from pipeline.models import by_name
+from pipeline.models.hf_config import ffn_size, head_dim
 from pipeline.train.job import TrainJob
 
-# What each family is in megatron-core terms (TransformerConfig fields + GPTModel arguments).
-# gpt2 uses the tanh GELU ("gelu_new") so its logits match the HF model after conversion.
-FAMILIES = {
-    "llama": dict(normalization="RMSNorm", gated_linear_unit=True, activation="silu", add_bias_linear=False,
-                  add_qkv_bias=False, position_embedding_type="rope"),
-    "qwen2": dict(normalization="RMSNorm", gated_linear_unit=True, activation="silu", add_bias_linear=False,
-                  add_qkv_bias=True, position_embedding_type="rope"),
-    "gpt2": dict(normalization="LayerNorm", gated_linear_unit=False, activation="gelu_tanh", add_bias_linear=True,
-                 add_qkv_bias=True, position_embedding_type="learned_absolute"),
-}
+# What each family is in megatron-core terms (TransformerConfig fields + GPTModel arguments) is its table's
+# `megatron` (pipeline/models/<family>.py). gpt2 uses the tanh GELU ("gelu_new") so its logits match HF's.
 ACTIVATIONS = {"silu": torch.nn.functional.silu,
                "gelu_tanh": partial(torch.nn.functional.gelu, approximate="tanh")}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -29,7 +22,7 @@ def transformer_config(job: Union[TrainJob, Mapping], precision: str):
     from megatron.core.transformer import TransformerConfig
 
     job = TrainJob.of(job)
-    model, par, fam = job.model, job.train.parallel, FAMILIES[job.model["family"]]
+    model, par, fam = job.model, job.train.parallel, by_name(job.model["family"]).megatron
     dtype = DTYPES[precision]
     recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
                  "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
@@ -38,6 +31,8 @@ def transformer_config(job: Union[TrainJob, Mapping], precision: str):
         hidden_size=model["hidden_size"],
         num_attention_heads=model["num_attention_heads"],
         num_query_groups=model["num_key_value_heads"] or model["num_attention_heads"],
+        kv_channels=head_dim(model),
+        qk_layernorm=fam["qk_layernorm"],
         ffn_hidden_size=ffn_size(model),
         normalization=fam["normalization"],
         layernorm_epsilon=model["norm_eps"],
@@ -71,15 +66,35 @@ def transformer_config(job: Union[TrainJob, Mapping], precision: str):
     )
 
 
-def layer_spec(normalization: str):
+def layer_spec(normalization: str, qk_layernorm: bool = False):
     """Transformer Engine's fused layers where TE and a GPU are present (Megatron-LM's default),
     megatron-core's local layers otherwise. The local spec maps its norm names onto TE's, so both
     save the same checkpoint keys."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if torch.cuda.is_available() and specs.HAVE_TE:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization=normalization)
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    return specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+
+
+def rope_scaling(model: Mapping) -> dict:
+    """GPTModel's argument for model.rope_scaling: linear is megatron-core's position interpolation
+    (positions / factor, as HF divides the frequencies); llama3 is applied to the frequencies after
+    construction (scale_llama3), since GPTModel's own rope_scaling takes the factor only."""
+    if model.get("rope_scaling", "none") == "linear":
+        return dict(seq_len_interpolation_factor=model["rope_scaling_factor"])
+    return {}
+
+
+def scale_llama3(chunk, model: Mapping) -> None:
+    """Llama 3.1's frequency scaling, with every parameter of model.*, by megatron-core's own formula."""
+    if model.get("rope_scaling", "none") != "llama3":
+        return
+    rotary = chunk.rotary_pos_emb
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq, factor=model["rope_scaling_factor"], low_freq_factor=model["rope_low_freq_factor"],
+        high_freq_factor=model["rope_high_freq_factor"],
+        original_max_position_embeddings=model["rope_original_max_position_embeddings"])
 
 
 def build_model(job: Union[TrainJob, Mapping], config) -> List[torch.nn.Module]:
@@ -89,8 +104,8 @@ def build_model(job: Union[TrainJob, Mapping], config) -> List[torch.nn.Module]:
     from megatron.core.models.gpt import GPTModel
 
     job = TrainJob.of(job)
-    model, fam = job.model, FAMILIES[job.model["family"]]
-    spec = layer_spec(fam["normalization"])
+    model, fam = job.model, by_name(job.model["family"]).megatron
+    spec = layer_spec(fam["normalization"], fam["qk_layernorm"])
     vpp = job.train.parallel.vpp
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -102,7 +117,8 @@ def build_model(job: Union[TrainJob, Mapping], config) -> List[torch.nn.Module]:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             share_embeddings_and_output_weights=model["tie_word_embeddings"],
             position_embedding_type=fam["position_embedding_type"], rotary_base=int(model["rope_theta"]),
-            vp_stage=stage)
+            vp_stage=stage, **rope_scaling(model))
+        scale_llama3(chunk, model)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         ddp_config = DistributedDataParallelConfig(
