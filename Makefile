@@ -35,7 +35,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
-# the fast tier, for a developer's loop (tests/unit, ~2 min on 2 cores)
+# the fast tier, for a developer's loop (tests/unit, ~2.5 min on 2 cores)
 test-fast: lint
 	$(BIN)/python -m pytest -q tests/unit $(ARGS)
 
