@@ -33,14 +33,12 @@ import argparse
 import gzip
 import json
 import statistics
-import subprocess
-import threading
-import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench.measure, by the package path (this script's own folder is off sys.path)
+from bench.measure import run_measured  # noqa: E402
+
 SAMPLE = REPO / "data" / "sample"
 
 BASELINE = r"""
@@ -77,32 +75,6 @@ def build_tokenizer(out: Path) -> Path:
     tok = train_bpe(iter(texts), 8192, 2, ["<|endoftext|>"])
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
     return out
-
-
-def run_measured(cmd: list, env: dict | None = None) -> tuple:
-    """Run a command; return (stdout, wall seconds, peak RSS of its process tree in MB)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0]
-
-    def sample():
-        root = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                procs = [root] + root.children(recursive=True)
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - t0
-    watcher.join()
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{err[-3000:]}")
-    return out, seconds, peak[0] / 1e6
 
 
 def preprocess(corpus: Path, tokenizer: Path, out: Path, engine: str, workers: int, executor: str = "local",

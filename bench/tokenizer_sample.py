@@ -4,7 +4,7 @@
 
 Writes a jsonl source holding one --mb document (the sample corpus's text repeated), runs
 `pipeline run --only tokenizer` with it as the `web` source (code and math are the shipped samples)
-and prints the wall time and the peak RSS of the process tree, sampled every 50 ms, against a baseline
+and prints the wall time and the peak RSS of the process tree (bench/measure.py), against a baseline
 measured in the same run: the same stage on the shipped web sample. The per-source sample cap
 (tokenizer.sample_bytes_per_source, 8 MiB) bounds what is read of that document, so the ratios do not
 grow with --mb (measured: 20 MB and 100 MB both ~2x the time and ~3x the memory of the baseline, whose
@@ -16,42 +16,15 @@ import argparse
 import gzip
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.measure import run_measured  # noqa: E402
+
 SAMPLE = REPO / "data" / "sample"
-
-
-def run_measured(cmd: list) -> tuple:
-    """(wall seconds, peak RSS of the command's process tree in MB)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
-
-    def sample() -> None:
-        root = psutil.Process(proc.pid)
-        while proc.poll() is None:
-            try:
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    _, err = proc.communicate()
-    seconds = time.perf_counter() - t0
-    watcher.join()
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{err[-3000:]}")
-    return seconds, peak[0] / 1e6
 
 
 def main() -> None:
@@ -75,7 +48,7 @@ def main() -> None:
             return run_measured([
                 sys.executable, "-m", "pipeline.cli", "run", "--only", "tokenizer", f"run_dir={work / run}",
                 f"data.sources.web.path={web}", f"data.sources.code.path={corpus / 'code.jsonl'}",
-                f"data.sources.math.path={corpus / 'math.jsonl'}"])
+                f"data.sources.math.path={corpus / 'math.jsonl'}"])[1:]  # (seconds, peak RSS MB)
 
         base_s, base_rss = tokenizer_stage(corpus / "web.jsonl", "baseline")
         seconds, rss = tokenizer_stage(corpus / "huge.jsonl", "huge")
