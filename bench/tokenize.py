@@ -82,7 +82,8 @@ def preprocess(corpus: Path, tokenizer: Path, out: Path, engine: str, workers: i
     prefix = out / f"pre_{engine}_{executor}_{corpus.stem}"
     _, seconds, rss = run_measured([sys.executable, "-m", "pipeline.cli", "preprocess", "--input", str(corpus),
                                     "--output-prefix", str(prefix), "--tokenizer", str(tokenizer), "--workers",
-                                    str(workers), "--append-eod", "--engine", engine, "--executor", executor], env)
+                                    str(workers), "--append-eod", "--engine", engine, "--executor", executor,
+                                    "--overwrite"], env)  # each round rewrites its own scratch output
     metrics = json.loads(Path(f"{prefix}.preprocess.json").read_text())
     docs = sum(s["documents"] for s in metrics["sources"].values())
     for p in (f"{prefix}_text_document.bin", f"{prefix}_text_document.idx"):
