@@ -34,7 +34,8 @@ class Verified:
 
 def verify_outputs(stage_dir: Path, outputs: Dict[str, Dict[str, Any]], deadline: Optional[float] = None) -> Verified:
     """Check a published stage's pinned outputs ({relative path: {size, sha256?}}, as its manifest records
-    them) in `stage_dir`; hash until `deadline` (monotonic), or all."""
+    them) in `stage_dir`; hash until `deadline` (monotonic; 0 hashes nothing, None all). Sizes are always
+    checked."""
     result = Verified()
     for rel, ident in outputs.items():
         path = stage_dir / rel
