@@ -1,5 +1,8 @@
 """GPT-2: learned positions, LayerNorm with bias, GELU, biases everywhere, tied embeddings. HF keeps
 its linear layers as Conv1D ([in, out]), hence the transposes, and q/k/v fused in one c_attn."""
+from functools import partial
+
+from pipeline.models.llama import decoder_flops
 from pipeline.models.mapping import COMMON_HF_IGNORED, QKV, Direct, Family, Vocab
 
 H = "transformer.h.*"
@@ -52,4 +55,4 @@ FAMILY = Family("gpt2", ("GPT2LMHeadModel",), MAPPINGS, ignorable_hf=("attn.bias
                 megatron=dict(normalization="LayerNorm", gated_linear_unit=False, activation="gelu_tanh",
                               add_bias_linear=True, add_qkv_bias=True, qk_layernorm=False,
                               position_embedding_type="learned_absolute"),
-                parameters=parameters)
+                parameters=parameters, flops=partial(decoder_flops, gated=False))

@@ -47,8 +47,24 @@ def decoder_parameters(m, vocab: int, qkv_bias: bool = False, qk_norm: bool = Fa
     return m["num_layers"] * per_layer + vocab * h * (1 if m["tie_word_embeddings"] else 2) + h
 
 
+def decoder_flops(m, vocab: int, seq_len: int, gated: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add), counted as
+    Megatron-LM's num_floating_point_operations counts them: the matmuls of q/k/v/o, of attention over
+    the whole context (causal masking not discounted), of the MLP (3 matrices gated, 2 not) and of the
+    logits. Norms, biases, RoPE and softmax are left out (under 1% at any size that matters)."""
+    h, heads = m["hidden_size"], m["num_attention_heads"]
+    d = m.get("head_dim") or h // heads
+    q, kv = heads * d, (m.get("num_key_value_heads") or heads) * d
+    ffn = m.get("ffn_hidden_size") or 4 * h
+    projections = 2 * h * q + 2 * h * kv  # q and o; k and v
+    attention = 2 * seq_len * q  # scores (q.k) and the weighted sum of values
+    mlp = (3 if gated else 2) * h * ffn
+    forward = 2 * (m["num_layers"] * (projections + attention + mlp) + h * vocab)
+    return 3.0 * forward
+
+
 FAMILY = Family("llama", ("LlamaForCausalLM", "MistralForCausalLM"), LLAMA_MAPPINGS,
                 ignorable_hf=("rotary_emb.inv_freq",), hf_fields=LLAMA_FIELDS, rope=True,
                 hf_fixed=LLAMA_FIXED,
                 hf_ignored=LLAMA_IGNORED, megatron=LLAMA_MEGATRON, features={"head_dim": None, **ROPE_SCALING},
-                parameters=decoder_parameters)
+                parameters=decoder_parameters, flops=decoder_flops)

@@ -185,7 +185,8 @@ class Family:
       (field -> why it does not matter). Any field in none of them is refused.
     - megatron-core: its TransformerConfig settings and GPTModel's position embedding (`megatron`).
     - model.*: the values each optional feature may take for it (`features`; a key not listed must
-      keep its default), and its parameter count (`parameters(model, vocab)`)."""
+      keep its default), its parameter count (`parameters(model, vocab)`) and training FLOPs per token
+      (`flops(model, vocab, seq_len)`, for TFLOP/s and MFU)."""
 
     name: str  # our model.family
     architectures: Tuple[str, ...]  # HF config.architectures[0] values served by this table
@@ -201,6 +202,7 @@ class Family:
     megatron: Dict[str, Any] = field(default_factory=dict)
     features: Dict[str, Tuple[Any, ...]] = field(default_factory=dict)  # model.* key -> the values allowed
     parameters: Optional[Callable[[Any, int], int]] = None
+    flops: Optional[Callable[[Any, int, int], float]] = None  # training FLOPs per token (model, vocab, seq_len)
 
     @property
     def hf_model_type(self) -> str:

@@ -9,6 +9,7 @@ from pipeline.models.llama import (
     LLAMA_MAPPINGS,
     LLAMA_MEGATRON,
     ROPE_SCALING,
+    decoder_flops,
     decoder_parameters,
 )
 from pipeline.models.mapping import QKV, Family
@@ -27,4 +28,5 @@ FAMILY = Family("qwen2", ("Qwen2ForCausalLM",), LLAMA_MAPPINGS + (
         (f"{ATTN}.q_proj.bias", f"{ATTN}.k_proj.bias", f"{ATTN}.v_proj.bias")),
 ), ignorable_hf=("rotary_emb.inv_freq",), hf_fields={k: v for k, v in LLAMA_FIELDS.items() if k != "head_dim"},
     rope=True, hf_fixed=QWEN_FIXED, hf_ignored=QWEN_IGNORED, megatron={**LLAMA_MEGATRON, "add_qkv_bias": True},
-    features=dict(ROPE_SCALING), parameters=partial(decoder_parameters, qkv_bias=True))
+    features=dict(ROPE_SCALING), parameters=partial(decoder_parameters, qkv_bias=True),
+    flops=decoder_flops)

@@ -2,7 +2,14 @@
 k_norm, megatron-core's q_layernorm / k_layernorm over head_dim), and its own head_dim."""
 from functools import partial
 
-from pipeline.models.llama import LLAMA_FIELDS, LLAMA_MAPPINGS, LLAMA_MEGATRON, ROPE_SCALING, decoder_parameters
+from pipeline.models.llama import (
+    LLAMA_FIELDS,
+    LLAMA_MAPPINGS,
+    LLAMA_MEGATRON,
+    ROPE_SCALING,
+    decoder_flops,
+    decoder_parameters,
+)
 from pipeline.models.mapping import Direct, Family
 from pipeline.models.qwen2 import QWEN_FIXED, QWEN_IGNORED
 
@@ -13,4 +20,5 @@ FAMILY = Family("qwen3", ("Qwen3ForCausalLM",), LLAMA_MAPPINGS + (
     hf_fixed={**QWEN_FIXED, "attention_bias": (False,)}, hf_ignored=QWEN_IGNORED,
     megatron={**LLAMA_MEGATRON, "qk_layernorm": True},
     features={"head_dim": None, "qk_norm": (True,), **ROPE_SCALING},
-    parameters=partial(decoder_parameters, qk_norm=True))
+    parameters=partial(decoder_parameters, qk_norm=True),
+    flops=decoder_flops)
