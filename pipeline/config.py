@@ -224,6 +224,10 @@ class TrainConfig:
     resume_from: Optional[str] = how(None)  # a checkpoint to resume from instead of the newest complete one: hf
     # a checkpoint-<step> dir, megatron an iter_<step> dir (or a checkpoints dir with its tracker file)
     make_vocab_size_divisible_by: int = 128  # megatron: embedding rows padded to a multiple of this x tp
+    # no attention across the documents packed in a block, positions restarting after each EOD (Megatron-LM's
+    # reset_attention_mask + reset_position_ids); true changes what older runs trained, so it is plain identity
+    document_mask: bool = True
+    eod_mask_loss: bool = added(False)  # no loss where the input is EOD (predicting the next document's start)
 
 
 @dataclass

@@ -51,6 +51,43 @@ def check_resumable(ckpt: Path) -> None:
         raise SystemExit(str(e)) from None
 
 
+def block_inputs(block, eod: int, document_mask: bool, eod_mask_loss: bool) -> dict:
+    """The model's inputs for one block of the token stream. With document_mask, position ids restart
+    after each EOD, as megatron-core's GPTDataset resets them, and no attention_mask is given:
+    transformers then finds the packed documents from the position ids (find_packed_sequence_indices)
+    and gives sdpa/eager a block-diagonal causal mask. Blocks without an EOD keep sdpa's plain causal
+    path. eod_mask_loss drops the loss where the input is EOD (Megatron's loss_mask); labels are the
+    inputs, which the model shifts, so that is the label after each EOD."""
+    import torch
+
+    after_eod = torch.zeros_like(block, dtype=torch.bool)
+    after_eod[1:] = block[:-1] == eod
+    item = {"input_ids": block, "labels": block.masked_fill(after_eod, -100) if eod_mask_loss else block}
+    if document_mask:
+        index = torch.arange(block.shape[0])
+        item["position_ids"] = index - torch.where(after_eod, index, 0).cummax(0).values
+    return item
+
+
+def collate(features: list) -> dict:
+    """The Trainer's default collator, and no KV cache: with one (the config's use_cache), transformers
+    skips the packed-document detection above, and a training forward never reads a cache anyway."""
+    from transformers import default_data_collator
+
+    return {**default_data_collator(features), "use_cache": False}
+
+
+class DocumentBlocks(BlockDataset):
+    """BlockDataset's blocks as block_inputs gives them to the model."""
+
+    def __init__(self, prefix, job: TrainJob):
+        super().__init__(prefix, job.train.seq_len)
+        self.eod, self.document_mask, self.eod_mask_loss = job.eod_id, job.train.document_mask, job.train.eod_mask_loss
+
+    def __getitem__(self, i: int) -> dict:
+        return block_inputs(super().__getitem__(i)["input_ids"], self.eod, self.document_mask, self.eod_mask_loss)
+
+
 def build_model(job: Union[TrainJob, Mapping]):
     """From the init checkpoint (continued pretraining) or from the config (from scratch), seeded."""
     import torch
@@ -200,14 +237,15 @@ def train(job: TrainJob) -> None:
     precision = resolve_precision(t.precision)
 
     model = build_model(job)
-    train_ds = BlockDataset(job.train_prefix, t.seq_len)
-    valid_ds = BlockDataset(job.valid_prefix, t.seq_len)
+    train_ds = DocumentBlocks(job.train_prefix, job)
+    valid_ds = DocumentBlocks(job.valid_prefix, job)
     tokens_per_step = job.global_batch_tokens
     progress = pipeline_callback(job)
     swan = swanlab_callback(job) if t.tracker == "swanlab" else None
     callbacks = [progress] + ([swan] if swan else [])
     args = training_arguments(job, precision, cuda, report_to=REPORT_TO[t.tracker])
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds, callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, data_collator=collate, train_dataset=train_ds, eval_dataset=valid_ds,
+                      callbacks=callbacks)
     resume = progress.resume = choose_resume(job, ckpt_dir)
     if resume:
         check_resumable(resume)  # on every rank, before any of them unpickles it

@@ -89,6 +89,8 @@ class TrainSettings:
     parallel: Parallel = field(default_factory=Parallel)
     resume_from: Optional[str] = _TRAIN["resume_from"]
     make_vocab_size_divisible_by: int = _TRAIN["make_vocab_size_divisible_by"]
+    document_mask: bool = _TRAIN["document_mask"]
+    eod_mask_loss: bool = _TRAIN["eod_mask_loss"]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainSettings":

@@ -30,7 +30,9 @@ def build_datasets(job: Union[TrainJob, Mapping], train_samples: int, valid_samp
         random_seed=t.seed, sequence_length=t.seq_len,
         blend_per_split=[([job.train_prefix], None), ([job.valid_prefix], None) if valid_samples else None, None],
         tokenizer=_TokenizerInfo(job.eod_id, job.vocab_size),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        # train.document_mask: megatron-core's own reset options; its [1, s, s] mask then blocks attention
+        # across the EOD boundaries (step.model_inputs says how each attention consumes it)
+        reset_position_ids=t.document_mask, reset_attention_mask=t.document_mask, eod_mask_loss=t.eod_mask_loss,
         create_attention_mask=True,  # an explicit causal mask: megatron's default one is built on CUDA
         path_to_cache=str(Path(job.work_dir) / "dataset_cache"),
     )

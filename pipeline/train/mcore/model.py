@@ -66,13 +66,20 @@ def transformer_config(job: Union[TrainJob, Mapping], precision: str):
     )
 
 
+def uses_te() -> bool:
+    """Whether layer_spec picks Transformer Engine's layers: a GPU and TE present."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    return torch.cuda.is_available() and specs.HAVE_TE
+
+
 def layer_spec(normalization: str, qk_layernorm: bool = False):
     """Transformer Engine's fused layers where TE and a GPU are present (Megatron-LM's default),
     megatron-core's local layers otherwise. The local spec maps its norm names onto TE's, so both
     save the same checkpoint keys."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if torch.cuda.is_available() and specs.HAVE_TE:
+    if uses_te():
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     return specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
 

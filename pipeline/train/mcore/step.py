@@ -3,6 +3,7 @@ batch through megatron-core's pipeline schedule (train or eval), and rank 0's st
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
@@ -12,6 +13,7 @@ from pipeline.runner import STEP_LOG
 from pipeline.train import tracking
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore.data import MicroBatches
+from pipeline.train.mcore.model import uses_te
 
 
 def build_optimizer(job: TrainJob, config, model: List[torch.nn.Module], precision: str):
@@ -33,11 +35,32 @@ def build_optimizer(job: TrainJob, config, model: List[torch.nn.Module], precisi
     return optimizer, scheduler
 
 
-def forward_step(data_iterator, model):
+def model_inputs(batch: Dict[str, torch.Tensor], packed: bool) -> Dict:
+    """GPTModel's arguments for a GPTDataset micro batch. The local layer spec (CPU, or a GPU without TE)
+    applies the dataset's [b, 1, s, s] mask as it is, document boundaries included. TE's causal attention
+    ignores any mask (Megatron-LM issue 2357), so `packed` (document_mask under TE) hands TE the micro
+    batch as one packed THD row instead, a sequence starting wherever a position id is 0 (every sample's
+    first token, every token after an EOD): TE's varlen attention and RoPE then restart at each."""
+    if not packed:
+        return {"input_ids": batch["tokens"], "position_ids": batch["position_ids"],
+                "attention_mask": batch["attention_mask"]}
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    positions = batch["position_ids"].reshape(1, -1)
+    starts = (positions[0] == 0).nonzero().view(-1)
+    cu_seqlens = torch.cat([starts, starts.new_tensor([positions.shape[1]])]).to(torch.int32)
+    longest = int(cu_seqlens.diff().max())
+    return {"input_ids": batch["tokens"].reshape(1, -1), "position_ids": positions, "attention_mask": None,
+            "packed_seq_params": PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                                 max_seqlen_q=longest, max_seqlen_kv=longest)}
+
+
+def forward_step(data_iterator, model, *, packed: bool = False):
     """One micro batch through this chunk; the loss closure runs on the last pipeline stage."""
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batch = {k: v.to(device) for k, v in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    inputs = model_inputs(batch, packed)
+    output = model(**inputs, labels=batch["labels"].reshape(inputs["input_ids"].shape))
 
     def loss_func(output_tensor):
         mask = batch["loss_mask"].float().view(-1)
@@ -55,10 +78,13 @@ def run_batches(model, batches, num_microbatches: int, job: TrainJob, forward_on
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     iterators = batches if len(model) > 1 else batches[0]
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators, model=model if len(model) > 1 else model[0],
-        num_microbatches=num_microbatches, seq_length=job.train.seq_len, micro_batch_size=job.train.micro_batch_size,
-        forward_only=forward_only)
+    packed = job.train.document_mask and uses_te()
+    mbs, seq = job.train.micro_batch_size, job.train.seq_len
+    shape = dict(seq_length=mbs * seq, micro_batch_size=1) if packed else dict(seq_length=seq, micro_batch_size=mbs)
+    losses = get_forward_backward_func()(  # the P2P shapes between pipeline stages follow the packed row
+        forward_step_func=partial(forward_step, packed=packed), data_iterator=iterators,
+        model=model if len(model) > 1 else model[0], num_microbatches=num_microbatches, forward_only=forward_only,
+        **shape)
     total = torch.zeros(2, dtype=torch.float64)
     for item in losses:  # only the last pipeline stage has them
         total += item["lm loss"].double().cpu()
