@@ -43,7 +43,7 @@ megatron_cpu.install()
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # megatron's builder wants a group
 train, _ = me.build_datasets(job, job["total_steps"] * job["global_batch_sequences"], 0)
 samples = [train[i] for i in range(job["global_batch_sequences"])]
-torch.save({k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels")}, sys.argv[3])
+torch.save({k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "position_ids")}, sys.argv[3])
 """
 
 
@@ -84,7 +84,8 @@ def test_continued_pretraining_hf_init_megatron_tp2_then_export(corpus, base_run
     batch = torch.load(batch)
     model = AutoModelForCausalLM.from_pretrained(init).eval()
     with torch.no_grad():
-        logits = model(batch["tokens"]).logits
+        # train.document_mask: the HF backend's packed-document path (position ids reset at each EOD)
+        logits = model(batch["tokens"], position_ids=batch["position_ids"], use_cache=False).logits
     hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
     assert log_losses(run_dir)[1] == pytest.approx(float(hf_loss), abs=1e-4)
 
