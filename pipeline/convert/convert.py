@@ -6,7 +6,9 @@ HF and torch_dist output is written tensor by tensor, legacy output one rank fil
 Megatron output takes two passes over the source: shapes first (the transforms run on meta tensors,
 so a bad checkpoint fails before anything is written), then the data; a TP/PP split that does not
 divide the model is refused before either. Every direction writes into `<dst>.partial` and puts it in
-place only when complete: a failed conversion (a full disk included) leaves `dst` as it was. What may
+place only when complete: a failed conversion (a full disk included) leaves `dst` as it was. With a
+`check` (`pipeline convert ... verify=true`: verify.run of src against the partial) it is published only
+if the report passed; otherwise it is kept at `<dst>.verify-failed`, unpublished. What may
 be at `dst` beforehand is pipeline/destination.py's rule (nothing is replaced without overwrite=true).
 Megatron output follows Megatron-LM's layout: `<dst>/iter_0000001/` and
 `<dst>/latest_checkpointed_iteration.txt`, its `args` Megatron-LM's (pipeline/formats/megatron_args.py);
@@ -23,14 +25,14 @@ import shutil
 import struct
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 
 from pipeline import destination
 from pipeline.config import layout_problem
 from pipeline.convert import megatron_io
-from pipeline.errors import ConversionError
+from pipeline.errors import ConfigError, ConversionError
 from pipeline.files import replace_dir, storage_cause
 from pipeline.formats import megatron_args
 from pipeline.models import FAMILIES, by_architecture
@@ -52,14 +54,33 @@ def geometry(model: Dict[str, Any], vocab: int, padded: int) -> Geometry:
 
 
 PARTIAL_MARK = ".pipeline-convert-partial"  # in <dst>.partial while it is written: a leftover is ours to remove
+FAILED = ".verify-failed"  # <dst><FAILED>: a complete conversion whose check did not pass, kept, never published
+
+
+class Check(Protocol):
+    """What publishing runs on a complete output before it is published (verify.py `ConvertCheck`; passed in,
+    since verify builds on this module)."""
+
+    def __call__(self, out: Path) -> Dict[str, Any]:
+        """out's report: {"passed": bool, "problem": str when not}."""
+
+    def moved(self, where: Path, named: Path) -> Tuple[Dict[str, Any], Path]:
+        """The report of the output now at `where`, rewritten to name `named`, and its path."""
 
 
 @contextlib.contextmanager
-def publishing(dst: Path, sources: List[Optional[Path]], overwrite: bool) -> Iterator[Path]:
-    """Write into <dst>.partial; it replaces <dst> only if the block completes. What may be at <dst>
-    (given `sources` and `overwrite`) is checked first, by pipeline/destination.py's rule."""
+def publishing(dst: Path, sources: List[Optional[Path]], overwrite: bool,
+               check: Optional[Check] = None) -> Iterator[Path]:
+    """Write into <dst>.partial; it replaces <dst> only if the block completes (and, with `check`, its
+    report passed). What may be at <dst> (given `sources` and `overwrite`) is checked first, by
+    pipeline/destination.py's rule. A complete output that fails its check goes to <dst>.verify-failed
+    (deleting nothing; <dst> stays as it was) and the error says where it is."""
     dst = destination.check(dst, sources, overwrite)
     partial = dst.with_name(dst.name + ".partial")
+    failed = dst.with_name(dst.name + FAILED)
+    if check is not None and os.path.lexists(failed):
+        raise ConfigError(f"dst: {failed} (the output of an earlier conversion that failed verify) is in the way; "
+                          f"nothing was written. Look at it, then move or remove it")
     if os.path.lexists(partial):
         if partial.is_symlink() or not (partial / PARTIAL_MARK).is_file():
             raise ConversionError(f"{partial} is in the way and is not a partial output of pipeline convert (no "
@@ -72,6 +93,8 @@ def publishing(dst: Path, sources: List[Optional[Path]], overwrite: bool) -> Ite
         (partial / PARTIAL_MARK).touch()
         yield partial
         (partial / PARTIAL_MARK).unlink()
+        if check is not None:
+            checked(partial, dst, failed, check)
         replace_dir(partial, dst)
     except BaseException as e:
         cause = storage_cause(e, partial if made else partial.parent)
@@ -82,6 +105,23 @@ def publishing(dst: Path, sources: List[Optional[Path]], overwrite: bool) -> Ite
             raise ConversionError(f"{dst}: no space left on device; the partial output {partial.name} was removed "
                                   f"and {dst} is as it was. Free some space or choose another dst") from e
         raise
+
+
+def checked(partial: Path, dst: Path, failed: Path, check: Check) -> None:
+    """Run the check on the complete partial; on a failed (or crashed) check move it to `failed` and raise."""
+    try:
+        report = check(partial)
+    except Exception as e:
+        os.replace(partial, failed)
+        raise ConversionError(f"{dst}: verify could not run ({e}); the converted output was not published: it is "
+                              f"kept at {failed}, and {dst} is as it was") from e
+    if report["passed"]:
+        check.moved(partial, dst)  # the report names where it is published
+        return
+    os.replace(partial, failed)
+    report, path = check.moved(failed, failed)
+    raise ConversionError(f"{report['problem']}. The converted output was not published: it is kept at {failed} "
+                          f"(report: {path}), and {dst} is as it was")
 
 
 def copy_tokenizer_files(src: Optional[Path], dst: Path) -> list:
@@ -229,7 +269,7 @@ def check_layout(args: Dict[str, Any], tp: int, pp: int) -> None:
 
 def write_megatron(dst: Path, args: Dict[str, Any], names: List[Tuple[Mapping, str]], produce, fmt: str, tp: int,
                    pp: int, sources: List[Optional[Path]], overwrite: bool,
-                   transformer_impl: str = "transformer_engine") -> None:
+                   transformer_impl: str = "transformer_engine", check: Optional[Check] = None) -> None:
     """produce(names, meta) yields (mapping, name, global tensor) for the names asked, in their order;
     with `meta` the tensors are shapes only. torch_dist plans from one meta pass, then writes tensor by
     tensor; legacy writes one rank file at a time, reading that stage's tensors once per TP rank, so it
@@ -242,7 +282,7 @@ def write_megatron(dst: Path, args: Dict[str, Any], names: List[Tuple[Mapping, s
                               f"{', '.join(megatron_args.TRANSFORMER_IMPLS)}")
     num_layers = args["model"]["num_layers"]
     planned = [(name, t) for _, name, t in produce(names, meta=True)]  # every shape checked before writing
-    with publishing(dst, sources, overwrite) as out:
+    with publishing(dst, sources, overwrite, check) as out:
         if fmt == "torch_dist":  # global tensors: any TP/PP loads it; tp only decided the vocab padding
             megatron_io.write_torch_dist(out, args, planned, iter(progress(produce(names), len(names), f"-> {fmt}")),
                                          tp=tp)
@@ -279,7 +319,7 @@ def true_vocab(args: Dict[str, Any], tokenizer: Optional[Path], vocab_size: Opti
 
 def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer: Optional[Path] = None,
                    max_shard_size: int = 5 << 30, overwrite: bool = False,
-                   vocab_size: Optional[int] = None) -> Dict[str, Any]:
+                   vocab_size: Optional[int] = None, check: Optional[Check] = None) -> Dict[str, Any]:
     """A Megatron checkpoint dir (torch_dist or legacy, any TP/PP; ours or Megatron-LM's) -> an HF dir:
     safetensors (sharded with an index above max_shard_size), config.json, generation_config.json,
     every tokenizer file. `vocab_size` (or the tokenizer's size) cuts the padded embedding."""
@@ -291,7 +331,7 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
     family = FAMILIES[model["family"]]
     geo = geometry(model, args["vocab_size"], args["padded_vocab_size"])
     mappings = {meg: m for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])}
-    with publishing(dst, [src, tokenizer], overwrite) as out:
+    with publishing(dst, [src, tokenizer], overwrite, check) as out:
         writer = SafetensorsWriter(out, [n for m in mappings.values() for n in m.hf], max_shard_size)
         stream = megatron_io.read_tensors(path, args, [(m, meg) for meg, m in mappings.items()])
         for meg, tensor in progress(stream, len(mappings), f"{path.name} -> hf"):
@@ -313,7 +353,8 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
 
 def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "torch_dist",
                    make_vocab_size_divisible_by: int = 128, dtype: Optional[str] = None,
-                   overwrite: bool = False, transformer_impl: str = "transformer_engine") -> Dict[str, Any]:
+                   overwrite: bool = False, transformer_impl: str = "transformer_engine",
+                   check: Optional[Check] = None) -> Dict[str, Any]:
     """An HF dir -> a Megatron checkpoint dir. The embedding is padded for `tp` (Megatron pads to a
     multiple of make_vocab_size_divisible_by x tp); torch_dist then loads at any TP/PP, legacy files
     are written for exactly tp x pp ranks."""
@@ -340,13 +381,14 @@ def hf_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "t
             yield m, meg, cast(m.to_megatron([reader.get(n, meta) for n in m.hf], geo), dtype)
 
     write_megatron(dst, args, [(m, meg) for m, meg, _ in entries], produce, fmt, tp, pp, [src], overwrite,
-                   transformer_impl)
+                   transformer_impl, check)
     return {"tensors": len(entries), "padded_vocab_size": padded, "format": fmt}
 
 
 def megatron_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: str = "torch_dist",
                          dtype: Optional[str] = None, overwrite: bool = False,
-                         transformer_impl: str = "transformer_engine") -> Dict[str, Any]:
+                         transformer_impl: str = "transformer_engine",
+                         check: Optional[Check] = None) -> Dict[str, Any]:
     """Another layout or format, without going through HF (the embedding keeps its padding: a tp it does
     not divide is refused; convert from HF to pad for it)."""
     path, args = megatron_io.read_args(src)
@@ -358,5 +400,5 @@ def megatron_to_megatron(src: Path, dst: Path, tp: int = 1, pp: int = 1, fmt: st
             yield mappings[meg], meg, cast(t, dtype)
 
     write_megatron(dst, args, [(m, meg) for meg, m in mappings.items()], produce, fmt, tp, pp, [src], overwrite,
-                   transformer_impl)
+                   transformer_impl, check)
     return {"tensors": len(mappings), "format": fmt, "source": str(path)}

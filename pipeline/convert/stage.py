@@ -40,8 +40,9 @@ def convert(*pairs: str) -> None:
 
 def verify(hf_dir: Path, megatron_dir: Path, tolerance: float, report_path: Path) -> Dict[str, Any]:
     """Logits of both sides on a fixed prompt (megatron-core at TP=1 here); an error above tolerance."""
+    # exit 2 either way: over tolerance (the report says by how much) or could not run (no report)
     proc = pipeline_cli("verify", f"a={hf_dir}", f"b={megatron_dir}", f"tolerance={tolerance}",
-                        f"report={report_path}", check=False)  # exit 1 = over tolerance: the report says by how much
+                        f"report={report_path}", check=False)
     if not report_path.is_file():
         raise StageError(f"verify {hf_dir} against {megatron_dir} failed:\n"
                          + "\n".join(proc.stderr.splitlines()[-15:]))

@@ -3,14 +3,19 @@
 agreement, at a context long enough to exercise RoPE scaling.
 
     pipeline verify a=<dir> b=<dir> [seq_len=N tolerance=1e-4 tp=N report=<json>]
+    pipeline convert ... verify=true       (`run` on the finished <dst>.partial, before it is published)
     torchrun --nproc_per_node <tp> -m pipeline.convert.verify <a> <b> <out.json> <seq_len> <tolerance>
 
-HF vs HF runs in the calling process (`compare`); any Megatron side runs under torchrun (`main`). A
-Megatron side is loaded at TP = the number of processes (PP 1), through the megatron backend's own
-model builder: a torch_dist checkpoint through its checkpoint loader (any layout), a legacy one by
-loading each rank's file into that rank's module with strict names and shapes (its TP must be the
-number of processes). The vocab-parallel logits are gathered across TP and cut to the true
-vocabulary. HF sides run on rank 0, on the CPU, in fp32; rank 0 writes the report.
+`run` is the one entry point: HF vs HF in the calling process (`compare`); a Megatron side on either
+side (Megatron vs Megatron too) under one torchrun (`main`) at the TP `launch_tp` picks: a legacy
+side's own TP (two legacy sides must share it), else `tp=`, else 1; every Megatron side must divide
+at it (heads, key/value heads, FFN, padded vocab: pipeline/config.py `layout_problem`). A Megatron
+side is loaded at TP = the number of processes (PP 1), through the megatron backend's own model
+builder: a torch_dist checkpoint through its checkpoint loader (any layout), a legacy one by loading
+each rank's file into that rank's module with strict names and shapes. The vocab-parallel logits
+are gathered across TP and cut to the true vocabulary. HF sides run on rank 0, on the CPU, in fp32;
+rank 0 writes the report. `run` returns it whether or not it passed; a side that cannot be read or
+loaded is a ConfigError / ConversionError (the CLI: exit 2, as for a report that did not pass).
 
 The context is `seq_len` positions (default 1024, capped at the smaller max_position_embeddings of
 the two, which the report and the log line say). The report holds:
@@ -20,24 +25,35 @@ the two, which the report and the log line say). The report holds:
 - `diff_by_position`: the max |diff| in each of 8 equal windows of positions, and `position_growth`,
   the last window's over the first's (a diff that grows with position points at RoPE);
 - `config_differences` and `likely_causes`: what the two configs (HF config.json as model.*, or the
-  Megatron stored args) disagree on: RoPE settings, vocabulary and its padding, norm eps, head_dim.
+  Megatron stored args) disagree on: RoPE settings, vocabulary and its padding, norm eps, head_dim;
+- on a failure, `tensor_differences`: both sides' tensors read again one pair at a time under
+  megatron-core's names (the embedding cut to the true vocabulary), each that differs with its max
+  |diff|. The likely causes then name the tensor families that differ (`decoder.layers.*.mlp.linear_fc2.weight
+  (layers [1])`), or say the weights are identical, so the difference is in the settings.
+`problem`, the error line, names both sides, the max diff and the likely causes.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from pipeline.convert.megatron_io import checkpoint_path, legacy_ranks, load_legacy, read_args
-from pipeline.errors import ConversionError
+from pipeline.config import layout_problem as split_problem
+from pipeline.convert.convert import HFReader, geometry
+from pipeline.convert.megatron_io import checkpoint_path, legacy_ranks, load_legacy, read_args, read_tensors
+from pipeline.errors import ConfigError, ConversionError
 from pipeline.formats.checkpoints import TRACKER
-from pipeline.models import by_architecture
-from pipeline.models.hf_config import CONFIG_FIELDS, model_from_hf
+from pipeline.models import FAMILIES, by_architecture
+from pipeline.models.hf_config import CONFIG_FIELDS, ffn_size, model_from_hf
+from pipeline.models.mapping import Vocab
 
+REPORT = "verify.json"  # the report's default name, in side b
 SEQ_LEN = 1024  # default context: past the original context of the RoPE-scaled families we test
 TOLERANCE = 1e-4  # max |logit difference| in fp32
 WINDOWS = 8  # diff_by_position: this many equal windows of positions
@@ -85,6 +101,25 @@ def layout_problem(layouts: List[Optional[Tuple[int, int]]], tp: Optional[int]) 
     if tps and tp is not None and tp not in tps:
         return f"tp={tp}: a legacy checkpoint loads only at its own tp {next(iter(tps))}", 1
     return None, (next(iter(tps)) if tps else tp or 1)
+
+
+def launch_tp(paths: Tuple[Path, Path], kinds: Tuple[str, str], tp: Optional[int]) -> int:
+    """The TP the torchrun runs at (layout_problem), with every Megatron side divisible at it; a ConfigError
+    naming the side otherwise."""
+    problem, tp = layout_problem([megatron_layout(p) for p, k in zip(paths, kinds) if k == "megatron"], tp)
+    if problem:
+        raise ConfigError(problem)
+    for path, kind in zip(paths, kinds):
+        if kind == "megatron":
+            args = read_args(path)[1]
+            m = args["model"]
+            heads = m["num_attention_heads"]
+            split = split_problem(tp, 1, heads, m.get("num_key_value_heads") or heads, ffn_size(m), m["num_layers"],
+                                  padded_vocab=args["padded_vocab_size"])
+            if split:
+                raise ConfigError(f"tp={tp}: {path}: {split[1]}; verify it at a tp that divides it (tp=1 always "
+                                  f"does for torch_dist)")
+    return tp
 
 
 def hf_settings(path: Path) -> Dict[str, Any]:
@@ -238,6 +273,66 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
         return hf(tokens).logits.float()
 
 
+# ----------------------------------------------------------------------------- the weights
+
+def global_tensors(path: Path, kind: str):
+    """(megatron-core name, global tensor) for every tensor of a side, in the family table's order, the
+    embedding and output layer cut to the true vocabulary; and the list of names, read first."""
+    if kind == "hf":
+        config = json.loads((path / "config.json").read_text())
+        family = by_architecture((config.get("architectures") or ["?"])[0])
+        model, vocab = model_from_hf(config, family), config["vocab_size"]
+        reader, geo = HFReader(path), geometry(model, vocab, vocab)  # padded = true vocab: no padding
+        entries = [(m, meg) for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])]
+        stream = ((meg, m.to_megatron([reader.get(n) for n in m.hf], geo)) for m, meg in entries)
+    else:
+        path, args = read_args(path)
+        model, vocab = args["model"], args["vocab_size"]
+        family = FAMILIES[model["family"]]
+        entries = [(m, meg) for m, meg, _ in family.expanded(model["num_layers"], model["tie_word_embeddings"])]
+        vocab_rows = {meg for m, meg in entries if isinstance(m, Vocab)}
+        stream = ((meg, t[:vocab] if meg in vocab_rows else t) for meg, t in read_tensors(path, args, entries))
+    return [meg for _, meg in entries], stream
+
+
+def tensor_differences(a: Path, b: Path, kinds: Tuple[str, str]) -> Optional[Dict[str, Any]]:
+    """Which tensors differ, compared one pair at a time under megatron-core's names: {"tensors": n,
+    "differ": [[name, max |diff|], ...] largest first}; None when the two sides do not have the same
+    tensors of the same shapes (their settings differ: config_differences says how)."""
+    names_a, stream_a = global_tensors(a, kinds[0])
+    names_b, stream_b = global_tensors(b, kinds[1])
+    if names_a != names_b:
+        return None
+    differ = []
+    for (name, ta), (_, tb) in zip(stream_a, stream_b):
+        if ta.shape != tb.shape:
+            return None
+        diff = float((ta.double() - tb.double()).abs().max()) if ta.numel() else 0.0
+        if diff > 0:
+            differ.append([name, diff])
+    return {"tensors": len(names_a), "differ": sorted(differ, key=lambda d: -d[1])}
+
+
+def weights_cause(found: Optional[Dict[str, Any]]) -> Optional[str]:
+    """The likely cause a tensor comparison gives: the tensor families that differ (layers folded into
+    `*`), or that the weights are identical."""
+    if found is None:
+        return None
+    if not found["differ"]:
+        return f"the weights are identical ({found['tensors']} tensors): the difference is in how they are run"
+    families: Dict[str, List] = {}
+    for name, diff in found["differ"]:
+        layer = re.search(r"layers\.(\d+)\.", name)
+        entry = families.setdefault(re.sub(r"layers\.\d+\.", "layers.*.", name), [[], 0.0])
+        entry[0] += [int(layer.group(1))] if layer else []
+        entry[1] = max(entry[1], diff)
+    shown_families = [f"{fam}{f' (layers {sorted(layers)})' if layers else ''}: max |diff| {diff:.3g}"
+                      for fam, (layers, diff) in list(families.items())[:5]]
+    more = f" and {len(families) - 5} more" if len(families) > 5 else ""
+    return f"weights differ in {len(found['differ'])} of {found['tensors']} tensors: " \
+           f"{'; '.join(shown_families)}{more}"
+
+
 # ----------------------------------------------------------------------------- the report
 
 def metrics(la: torch.Tensor, lb: torch.Tensor) -> Dict[str, Any]:
@@ -265,6 +360,9 @@ def finish(report: Dict[str, Any], a: Path, b: Path, kinds: Tuple[str, str], sa:
     diffs = config_differences(sa, sb, kinds)
     causes = likely_causes(diffs)
     passed = report["max_abs_diff"] <= tolerance
+    if not passed:
+        report["tensor_differences"] = tensor_differences(a, b, kinds)
+        causes += [c for c in [weights_cause(report["tensor_differences"])] if c]
     grows = report["position_growth"] > 4 and report["diff_by_position"][-1]["max_abs_diff"] > tolerance
     if not passed and grows:
         w0, w1 = report["diff_by_position"][0], report["diff_by_position"][-1]
@@ -284,8 +382,8 @@ def failure_message(report: Dict[str, Any]) -> str:
     head = (f"b ({kb}: {b}) does not reproduce a ({ka}: {a}) at {report['seq_len']} positions: max |logit "
             f"difference| {report['max_abs_diff']:.3g} > tolerance {report['tolerance']:g} (KL "
             f"{report['kl_divergence']:.3g}, top-1 agreement {report['top1_agreement']:.3f})")
-    causes = report.get("likely_causes") or ["the configs agree on every setting compared: the weights differ "
-                                             "(a tensor mapped wrong, or a different checkpoint)"]
+    causes = report.get("likely_causes") or ["the configs agree on every setting compared and the tensors could "
+                                             "not be compared one by one"]
     return head + "; " + "; ".join(causes)
 
 
@@ -350,6 +448,45 @@ def main(a: str, b: str, out: str, seq_len: str = "0", tolerance: str = str(TOLE
         Path(out).write_text(json.dumps(report, indent=2))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run(a: Path, b: Path, out: Optional[Path] = None, seq_len: Optional[int] = None,
+        tolerance: float = TOLERANCE, tp: Optional[int] = None) -> Dict[str, Any]:
+    """Verify a against b (`pipeline verify`, `pipeline convert verify=true`): the report, also written to
+    `out` (default <b>/verify.json), passed or not. HF vs HF here, any Megatron side under torchrun."""
+    out = out or b / REPORT
+    kinds = (side_kind(a), side_kind(b))
+    if kinds == ("hf", "hf"):
+        return compare(a, b, out, seq_len, tolerance)
+    nproc = launch_tp((a, b), kinds, tp)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "pipeline.convert.verify", str(a), str(b), str(out), str(seq_len or 0), str(tolerance)]
+    if out.exists():
+        out.unlink()  # an older report must not pass for this one
+    if subprocess.run(cmd).returncode != 0 or not out.is_file():
+        raise ConversionError(f"verify {a} against {b} did not run to the end (torchrun, tp {nproc}); see the "
+                              f"output above")
+    return json.loads(out.read_text())
+
+
+class ConvertCheck:
+    """`pipeline convert ... verify=true`: src against the complete output (convert.py publishing)."""
+
+    def __init__(self, src: Path, seq_len: Optional[int], tolerance: float):
+        self.src, self.seq_len, self.tolerance = src, seq_len, tolerance
+
+    def __call__(self, out: Path) -> Dict[str, Any]:
+        return run(self.src, out, None, self.seq_len, self.tolerance)
+
+    def moved(self, where: Path, named: Path) -> Tuple[Dict[str, Any], Path]:
+        """The report of a side verified at one path (a <dst>.partial), now at `where`: it names `named`."""
+        path = where / REPORT
+        report = json.loads(path.read_text())
+        report["b"] = str(named)
+        if not report["passed"]:
+            report["problem"] = failure_message(report)
+        path.write_text(json.dumps(report, indent=2))
+        return report, path
 
 
 if __name__ == "__main__":
