@@ -1,14 +1,17 @@
-"""`pipeline run | status | clean | convert | verify | verify-data | preprocess`.
-Overrides are Hydra's: `pipeline run data.mix.weights.code=0.2`."""
+"""`pipeline run | status | clean | experiments | convert | verify | verify-data | preprocess`.
+Overrides are Hydra's: `pipeline run data.mix.weights.code=0.2`; `pipeline run -m train.lr=1e-3,3e-4` sweeps."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, List, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 from pipeline import integrity
 from pipeline.errors import ConfigError, ConversionError, PipelineError
@@ -22,14 +25,52 @@ def _stages(value: Optional[str]) -> List[str]:
     return [s for s in (value or "").split(",") if s]
 
 
-def _runner(args) -> Runner:
+def _config_dirs(args) -> List[Path]:
+    return [Path(d) for d in getattr(args, "config_dir", None) or []]
+
+
+def _config(args, overrides: List[str]):
     from pipeline.config import compose
-    from pipeline.stages import STAGES
 
     if getattr(args, "config_from", None):
-        return Runner(config_from(Path(args.config_from), args.overrides), STAGES)
-    cfg = compose(args.overrides, Path(args.config_dir) if args.config_dir else None)
-    return Runner(cfg, STAGES)
+        return config_from(Path(args.config_from), overrides)
+    return compose(overrides, _config_dirs(args))
+
+
+def _runner(args, cfg=None) -> Runner:
+    from pipeline.stages import STAGES
+
+    return Runner(cfg if cfg is not None else _config(args, args.overrides), STAGES)
+
+
+SWEPT_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+~-]")  # a path separator, a space, a quote, ...
+
+
+def override_dirname(lines: List[str]) -> str:
+    """A job's run-dir name, as Hydra's `hydra.job.override_dirname`: its swept `key=value`s joined by `,` in
+    key order. Made filesystem-safe: other characters become `_`, and a name so changed (or over 200
+    characters) ends in a hash of the real one, so two jobs never share a dir."""
+    name = ",".join(lines)
+    safe = SWEPT_NAME_UNSAFE.sub("_", name)
+    if safe != name or len(safe) > 200:
+        safe = f"{safe[:200]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def sweep_jobs(overrides: List[str]) -> List[Tuple[List[str], str]]:
+    """(a job's overrides, its run-dir name) for each job of a multirun: Hydra's BasicSweeper, the cartesian
+    product of the sweeps (`a,b`, `range(1,4)`, `choice(a,b)`), first override slowest."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    # BasicSweeper keeps one entry per key, at its first place, with its last value
+    swept = {o.get_key_element(): o.is_sweep_override() for o in parsed}
+    jobs = []
+    for job in BasicSweeper.split_arguments(parsed, None)[0]:
+        lines = [line for (key, sweep), line in sorted(zip(swept.items(), job)) if sweep]
+        jobs.append((job, override_dirname(lines)))
+    return jobs
 
 
 CONFIG_GROUPS = ("experiment", "data", "tokenizer", "model", "train", "launcher")  # configs/<group>/
@@ -61,10 +102,58 @@ def config_from(run_dir: Path, overrides: List[str]):
 
 
 def cmd_run(args) -> int:
+    """One run; with -m, one per job of the sweep, in turn, each in <run_dir>/<its swept overrides>. Every
+    job is composed (and so checked) before the first starts."""
+    from pipeline.config import run_dir_of
+
+    if args.config_from and (args.multirun or args.info or args.cfg in ("hydra", "all")):
+        raise ConfigError("--config-from: a saved config has no sweep, search path or Hydra node; drop "
+                          "-m/--info/--cfg hydra, or compose it anew without --config-from")
+    jobs = []
+    for overrides, subdir in sweep_jobs(args.overrides) if args.multirun else [(args.overrides, "")]:
+        cfg = _config(args, overrides)
+        if subdir:
+            cfg.run_dir = str(run_dir_of(cfg) / subdir)
+        jobs.append((overrides, subdir, cfg))
+    for i, (overrides, subdir, cfg) in enumerate(jobs, 1):
+        if args.multirun:
+            print(f"{'#' if args.cfg else ''}job {i}/{len(jobs)}: {subdir or '(nothing swept)'} -> "
+                  f"{run_dir_of(cfg)}", flush=True)
+        if args.cfg or args.info:
+            show_config(args, overrides, cfg)
+            continue
+        rc = run_one(args, _runner(args, cfg))
+        if rc:  # a joining node's torchrun agent failed
+            return rc
+    return 0
+
+
+def show_config(args, overrides: List[str], cfg) -> None:
+    """--cfg job|hydra|all: the composed config (job: resolved, as it runs; hydra: Hydra's node, unresolved);
+    --info: the config search path and the defaults list, in merge order."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import defaults_list, hydra_config
+
+    if args.cfg in ("job", "all"):
+        print(OmegaConf.to_yaml(cfg), end="")
+    if args.cfg in ("hydra", "all") or args.info:
+        node = hydra_config(overrides, _config_dirs(args))
+    if args.cfg in ("hydra", "all"):
+        print(OmegaConf.to_yaml(OmegaConf.create({"hydra": node})), end="")
+    if args.info:
+        print("config search path (first match wins):")
+        for source in node.runtime.config_sources:
+            print(f"  {source.provider:<34} {source.schema}://{source.path}")
+        print("defaults list (merge order; hydra's own left out):")
+        for path, package, parent in defaults_list(overrides, _config_dirs(args)):
+            print(f"  {path:<34} package {package:<10} from {parent}")
+
+
+def run_one(args, runner: Runner) -> int:
     from pipeline import launch, plan
     from pipeline.train.stage import join_training
 
-    runner = _runner(args)
     only, restart = _stages(args.only), _stages(args.restart)
     force = _stages(args.force) if args.force != "*" else (only or list(runner.stages))
     if args.dry_run or args.explain:
@@ -88,13 +177,24 @@ def cmd_run(args) -> int:
     return 0
 
 
+def run_dir_line(runner: Runner) -> str:
+    """Which run dir a status reads; one that does not exist says how to point at the right one."""
+    if runner.run_dir.is_dir():
+        return f"run dir: {runner.run_dir}"
+    return (f"run dir: {runner.run_dir} does not exist, so every stage is missing; give the overrides the run "
+            f"had (run_dir=..., experiment=...) or run this where it ran")
+
+
 def cmd_status(args) -> int:
-    if args.verify:  # every published stage against its manifest: sizes, and all the sha256s it recorded
-        return verify_run(_runner(args))
-    rows = _runner(args).status()
-    if args.json:
-        print(json.dumps(rows, indent=2))
+    runner = _runner(args)
+    if args.json:  # stdout stays one JSON document
+        print(run_dir_line(runner), file=sys.stderr)
+        print(json.dumps(runner.status(), indent=2))
         return 0
+    print(run_dir_line(runner))
+    if args.verify:  # every published stage against its manifest: sizes, and all the sha256s it recorded
+        return verify_run(runner)
+    rows = runner.status()
     print(f"{'stage':<10} {'status':<8} {'fingerprint':<13} {'size':>10} {'seconds':>8}  finished")
     for r in rows:
         finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["finished"])) if r["finished"] else "-"
@@ -121,6 +221,31 @@ def cmd_clean(args) -> int:
     if leftovers and not args.yes:
         print("run `pipeline clean --yes` (with the same run dir) to remove them")
     return 0
+
+
+def cmd_experiments(args) -> int:
+    """Each experiment over the search path with its description; a name found twice runs the first."""
+    from pipeline.config import CONFIG_DIR, description, search_path
+
+    first = {}
+    for root in search_path(_config_dirs(args)):
+        for path in sorted((root / "experiment").glob("*.yaml")):
+            where = "" if root == CONFIG_DIR else f"  [{root}]"
+            if path.stem in first:
+                where += f"  (shadowed by {first[path.stem]}: experiment={path.stem} runs that one)"
+            first.setdefault(path.stem, path)
+            print(f"{path.stem:<24} {description(path)}{where}")
+    return 0
+
+
+def run_help() -> str:
+    """`pipeline run --help`'s epilog: the config groups and their options (the project's), and where the keys are."""
+    from pipeline.config import CONFIG_DIR
+
+    groups = [f"  {g}=  {' | '.join(sorted(p.stem for p in (CONFIG_DIR / g).glob('*.yaml')))}" for g in CONFIG_GROUPS]
+    return "\n".join(["config groups (group=option):", *groups,
+                      "every key with its value: pipeline run --cfg job; what each means: pipeline/config.py; "
+                      "experiments with descriptions: pipeline experiments"])
 
 
 def cmd_preprocess(args) -> int:
@@ -325,13 +450,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def with_config_dirs(p):
+        p.add_argument("--config-dir", action="append", metavar="DIR",
+                       help="a config dir searched after the project's configs/ (repeatable; also "
+                            "$PIPELINE_CONFIG_PATH, os.pathsep-separated): DIR/experiment/mine.yaml gives "
+                            "experiment=mine")
+
     def with_overrides(p):
         p.add_argument("overrides", nargs="*",
-                       help="Hydra overrides, e.g. experiment=tiny_cpu data.tokenize.workers=4")
-        p.add_argument("--config-dir", help="config tree to compose from (default: the project's configs/)")
+                       help="Hydra overrides, e.g. experiment=tiny_cpu data.tokenize.workers=4 "
+                            "+data.sources.mine={path: x.jsonl}")
+        with_config_dirs(p)
 
-    run = sub.add_parser("run", help="run the stages that are not done")
+    run = sub.add_parser("run", help="run the stages that are not done", epilog=run_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     with_overrides(run)
+    run.add_argument("-m", "--multirun", action="store_true",
+                     help="sweep: one run per combination of the sweep overrides (train.lr=1e-3,3e-4, "
+                          "train.seed=range(1,4)), in turn, each in <run_dir>/<its swept key=values>")
+    run.add_argument("--cfg", choices=("job", "hydra", "all"),
+                     help="print the composed config (job: resolved, as it would run; hydra: Hydra's node) "
+                          "and run nothing")
+    run.add_argument("--info", action="store_true",
+                     help="print the config search path and the defaults list, and run nothing")
     run.add_argument("--only", help="run only these stages (comma separated); their upstream must be done")
     run.add_argument("--force", nargs="?", const="*", default="",
                      help="rerun these stages (comma separated) even if done; alone: the --only stages, or all")
@@ -357,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_overrides(clean)
     clean.add_argument("--yes", action="store_true", help="remove them; without it, only list what would go")
     clean.set_defaults(func=cmd_clean)
+
+    experiments = sub.add_parser("experiments", help="the experiments (configs/experiment/ and the user config "
+                                                     "dirs), each with its one-line description")
+    with_config_dirs(experiments)
+    experiments.set_defaults(func=cmd_experiments)
 
     conv = sub.add_parser("convert", help="checkpoint HF <-> Megatron, or Megatron -> Megatron: src=<dir> dst=<dir> "
                                           "to=hf|megatron [key=value ...]", epilog=args_help(CONVERT_ARGS),
@@ -386,7 +532,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return rc
+    except BrokenPipeError:  # `pipeline status --json | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141  # as a tool killed by SIGPIPE (128 + 13)
     except PipelineError as e:  # config, data, stage and conversion errors: a message, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,13 +7,16 @@ Cross-field rules (weights name existing sources, a budget stop needs a budget, 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import enum
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -368,19 +371,224 @@ def _register() -> None:
     OmegaConf.register_new_resolver("root", lambda: str(CONFIG_DIR.parent), replace=True)
 
 
-def compose(overrides: List[str] = (), config_dir: Optional[Path] = None) -> DictConfig:
-    """Hydra composition of configs/config.yaml with command-line overrides, validated."""
-    from hydra import compose as hydra_compose
+# The config search path: ours first, then each `--config-dir`, then PIPELINE_CONFIG_PATH's dirs. A user dir
+# adds configs (experiment/mine.yaml) beside ours; a name we ship is found in ours first.
+CONFIG_PATH_ENV = "PIPELINE_CONFIG_PATH"
+
+
+def user_config_dirs(config_dirs: Sequence[Path] = ()) -> List[Path]:
+    """The `--config-dir` dirs, then those of $PIPELINE_CONFIG_PATH (os.pathsep-separated), each checked."""
+    named = [("--config-dir", Path(d)) for d in config_dirs]
+    named += [(f"${CONFIG_PATH_ENV}", Path(p)) for p in os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep) if p]
+    for origin, path in named:
+        if not path.is_dir():
+            raise ConfigError(f"{origin}: {path} is not a directory; give a dir of <group>/<name>.yaml configs "
+                              f"(experiment/mine.yaml), searched after {CONFIG_DIR}")
+    return [path.resolve() for _, path in named]
+
+
+def search_path(config_dirs: Sequence[Path] = ()) -> List[Path]:
+    return [CONFIG_DIR, *user_config_dirs(config_dirs)]
+
+
+def description(path: Path) -> str:
+    """A config's one-line description: its first comment line that is not a `# @package` directive."""
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        if text.startswith("#") and not text[1:].strip().startswith("@package"):
+            return text[1:].strip().rstrip(",;:")  # a sentence that goes on in the next line ends here
+        if text and not text.startswith("#"):
+            break
+    return ""
+
+
+def _schema_at(parts: Sequence[str]) -> Tuple[Optional[type], int]:
+    """Walk the schema along dotted key parts, a dict-of-dataclass field taking one name: (the dataclass
+    reached, parts consumed). Stops at a leaf, a plain dict or an unknown name."""
+    schema, i = Config, 0
+    while i < len(parts):
+        kind = typing.get_type_hints(schema).get(parts[i])
+        if kind is None:
+            break
+        if dataclasses.is_dataclass(kind):
+            schema, i = kind, i + 1
+        elif _entry_schema(kind) and i + 1 < len(parts):
+            schema, i = _entry_schema(kind), i + 2
+        else:
+            break
+    return schema, i
+
+
+def _entry_at(parts: Sequence[str]) -> Optional[int]:
+    """How many parts name a dict-of-dataclass field when more follow (data.sources.web.path: 2), else None."""
+    schema = Config
+    for i, part in enumerate(parts[:-1]):
+        kind = typing.get_type_hints(schema).get(part)
+        if _entry_schema(kind):
+            return i + 1
+        if not dataclasses.is_dataclass(kind):
+            return None
+        schema = kind
+    return None
+
+
+def _entry_schema(kind: Any) -> Optional[type]:
+    """X of a Dict[str, X] field when X is a dataclass (data.sources), else None."""
+    if typing.get_origin(kind) is dict and dataclasses.is_dataclass(typing.get_args(kind)[1]):
+        return typing.get_args(kind)[1]
+    return None
+
+
+def open_keys(schema: Optional[type] = None, prefix: str = "") -> List[str]:
+    """The dict fields, where `+key=` may add a name (data.sources, data.mix.weights)."""
+    schema = schema or Config
+    keys: List[str] = []
+    for name, kind in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(kind):
+            keys += open_keys(kind, f"{prefix}{name}.")
+        elif typing.get_origin(kind) is dict:
+            keys.append(prefix + name)
+    return keys
+
+
+def _plain_keys(schema: Optional[type] = None, prefix: str = "") -> List[str]:
+    schema = schema or Config
+    keys: List[str] = []
+    for name, kind in typing.get_type_hints(schema).items():
+        keys += _plain_keys(kind, f"{prefix}{name}.") if dataclasses.is_dataclass(kind) else [prefix + name]
+    return keys
+
+
+def _sibling_names(key: str) -> Optional[List[str]]:
+    """The field names beside `key` when its parent is a dataclass node of the schema, else None (a dict)."""
+    parts = key.split(".")
+    schema, used = _schema_at(parts[:-1])
+    return [f.name for f in dataclasses.fields(schema)] if used == len(parts) - 1 else None
+
+
+def nearest_key(key: str) -> Optional[str]:
+    """The schema key closest to a misspelt one: a sibling first (train.lrr -> train.lr), else any key with
+    a close last part (train.hidden_size -> model.hidden_size)."""
+    parent, _, leaf = key.rpartition(".")
+    near = difflib.get_close_matches(leaf, _sibling_names(key) or [], n=1)
+    if near:
+        return f"{parent}.{near[0]}" if parent else near[0]
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in _plain_keys()}
+    near = difflib.get_close_matches(leaf, list(by_leaf), n=1)
+    return by_leaf[near[0]] if near else None
+
+
+def _unknown_key(key: str, line: str = "") -> ConfigError:
+    near = nearest_key(key)
+    return ConfigError(f"{key}: not a key of the schema (pipeline/config.py), so nothing would read it"
+                       f"{f' (from {line})' if line else ''}; {f'did you mean {near}? ' if near else ''}"
+                       f"`+` adds new names only under {', '.join(open_keys())}")
+
+
+def _added_keys(node: DictConfig, schema: type, prefix: str = "") -> List[str]:
+    """Keys in `node` that its schema does not have. Only `+key=`/`++key=` can put them there: Hydra adds
+    those with the struct flag off, even into a dataclass node."""
+    hints, out = typing.get_type_hints(schema), []
+    for key in node:
+        kind, child = hints.get(key), OmegaConf.select(node, str(key), throw_on_missing=False)
+        if kind is None:
+            out.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(kind) and isinstance(child, DictConfig):
+            out += _added_keys(child, kind, f"{prefix}{key}.")
+        elif _entry_schema(kind) and isinstance(child, DictConfig):
+            for name in child:
+                out += _added_keys(child[name], _entry_schema(kind), f"{prefix}{key}.{name}.")
+    return out
+
+
+def _hydra_overrides(overrides: Sequence[str], config_dirs: Sequence[Path]) -> List[Tuple[str, Any]]:
+    """(line, the parsed override it came from) for each override, as Hydra's compose takes them.
+    `+data.sources.NAME=V` becomes `+data.sources={NAME: V}`: OmegaConf puts a plain dict into a
+    Dict[str, SourceConfig] only by merging (a new source, the SourceConfig defaults filled in). The user
+    dirs go in `hydra.searchpath`, after any the overrides give."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out, searchpath = [], []
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if o.key_or_group == "hydra.searchpath" and isinstance(o.value(), list):
+            searchpath += [str(v) for v in o.value()]
+            continue
+        parts, line = o.key_or_group.split("."), o.input_line
+        at = _entry_at(parts)
+        if (o.is_add() or o.is_force_add()) and at:
+            value = o.get_value_element_as_str()
+            for name in reversed(parts[at:]):  # the entry's name, then any keys inside it
+                value = f"{{{name}: {value}}}"
+            line = f"{'++' if o.is_force_add() else '+'}{'.'.join(parts[:at])}={value}"
+        out.append((line, o))
+    searchpath += [f"file://{d}" for d in config_dirs]
+    if searchpath:
+        quoted = ",".join("'" + p.replace("\\", "\\\\").replace("'", "\\'") + "'" for p in searchpath)
+        out.insert(0, (f"hydra.searchpath=[{quoted}]", None))
+    return out
+
+
+@contextlib.contextmanager
+def _hydra(config_dirs: Sequence[Path]):
+    """Hydra initialised on our configs/; yields the user dirs to put on its search path."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    dirs = user_config_dirs(config_dirs)
     _register()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        yield dirs
+
+
+def compose(overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()) -> DictConfig:
+    """Hydra composition of configs/config.yaml (the user dirs on its search path) with command-line
+    overrides, validated. A key `+key=` added outside the schema is refused, naming the nearest one."""
+    from hydra import compose as hydra_compose
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    with _hydra(config_dirs) as dirs:
+        lines = _hydra_overrides(overrides, dirs)
+        try:
+            cfg = hydra_compose(config_name="config", overrides=[line for line, _ in lines])
+        except ConfigCompositionException as e:
+            key = getattr(e.__cause__, "full_key", None)
+            # a field the schema lacks: Hydra's hint (`+key=`) would be refused too; a new dict entry
+            # (data.sources.mine.path=) keeps the hint, which works
+            if isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)) and _sibling_names(key) is not None:
+                raise ConfigError(f"Could not override '{key}'. {_unknown_key(key)}") from None
+            for line, o in lines:  # name the override as the user wrote it, not as rewritten above
+                if o is not None and line != o.input_line and line in str(e):
+                    raise ConfigCompositionException(str(e).replace(line, o.input_line)) from e.__cause__
+            raise
+    for key in _added_keys(cfg, Config):
+        raise _unknown_key(key, next((o.input_line for _, o in lines if o is not None and (
+            key == o.key_or_group or key.startswith(o.key_or_group + "."))), ""))
     OmegaConf.resolve(cfg)
     validate(cfg)
     return cfg
+
+
+def hydra_config(overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()) -> DictConfig:
+    """Hydra's own node (`hydra:`) for these overrides, unresolved, as `--cfg hydra` shows it."""
+    from hydra import compose as hydra_compose
+
+    with _hydra(config_dirs) as dirs:
+        return hydra_compose(config_name="config", overrides=[line for line, _ in _hydra_overrides(overrides, dirs)],
+                             return_hydra_config=True).hydra
+
+
+def defaults_list(overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()) -> List[Tuple[str, str, str]]:
+    """(config path, package, parent) of each config composed, in merge order; Hydra's own (hydra/*) left out."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    with _hydra(config_dirs) as dirs:
+        found = GlobalHydra.instance().config_loader().compute_defaults_list(
+            "config", [line for line, _ in _hydra_overrides(overrides, dirs)], RunMode.RUN)
+    return [(d.config_path, d.package or "_global_", d.parent or "") for d in found.defaults
+            if not (d.config_path or "").startswith("hydra/")]
 
 
 def load_saved(path: Path) -> DictConfig:
