@@ -102,6 +102,7 @@ CASES = [
     Case("a record that is not an object", record(b'["a", "list"]\n'), "not a JSON object", ("run/tokenize",)),
     # the config (named key, before any stage)
     Case("unknown config key", config("data.sources.web.text_feld=x"), "text_feld", ("run/tokenizer",)),
+    Case("key added outside the schema", config("+train.lrr=1e-3"), "did you mean train.lr?", ("run/tokenizer",)),
     Case("value of the wrong type", config("data.tokenize.workers=many"), "data.tokenize.workers",
          ("run/tokenizer",)),
     Case("value outside its choices", config("data.sources.web.on_bad_record=ignore"), "on_bad_record",
