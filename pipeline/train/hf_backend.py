@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
 from pipeline import safeload
+from pipeline.data.tokenizer import copy_tokenizer
 from pipeline.formats.checkpoints import COMPLETE
 from pipeline.models.hf_config import model_config
 from pipeline.runner import CHECKPOINTS, HF_MODEL, STEP_LOG, SUMMARY
@@ -259,9 +259,7 @@ def train(job: TrainJob) -> None:
         swan.finish()
     trainer.save_model(str(out / HF_MODEL))  # the best checkpoint's weights (load_best_model_at_end)
     if rank == 0:
-        for f in Path(job.tokenizer_dir).iterdir():  # every tokenizer file, vocab.json/merges.txt included
-            if f.is_file() and f.name not in ("MANIFEST.json", "pipeline_tokenizer.json"):
-                shutil.copy2(f, out / HF_MODEL / f.name)
+        copy_tokenizer(job.tokenizer_dir, out / HF_MODEL, model_max_length=t.seq_len)  # portable, 4.x and 5.x
         model.generation_config.save_pretrained(str(out / HF_MODEL))
         summary = {"train_loss": result.training_loss, "eval_loss": metrics["eval_loss"],
                    "steps": trainer.state.global_step, "tokens_seen": trainer.state.global_step * tokens_per_step,
