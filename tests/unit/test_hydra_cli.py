@@ -69,7 +69,7 @@ def test_a_sweep_without_multirun_is_refused_with_hydras_hint(capsys):
 
 
 def test_a_user_config_dir_adds_an_experiment_beside_ours(user_dir, monkeypatch, capsys):
-    cfg = composed(capsys, "experiment=mine", "--config-dir", str(user_dir))
+    cfg = composed(capsys, "--config-dir", str(user_dir), "experiment=mine")  # an override after an option too
     assert (cfg["name"], cfg["train"]["lr"], cfg["model"]["num_layers"]) == ("mine", 5e-4, 2)  # on top of tiny_cpu
     assert composed(capsys, "--config-dir", str(user_dir))["name"] == "tiny_cpu"  # ours is still the primary
     monkeypatch.setenv("PIPELINE_CONFIG_PATH", str(user_dir))
