@@ -32,6 +32,7 @@ import torch
 from pipeline import destination
 from pipeline.config import layout_problem
 from pipeline.convert import megatron_io
+from pipeline.data.tokenizer import copy_tokenizer
 from pipeline.errors import ConfigError, ConversionError
 from pipeline.files import replace_dir, storage_cause
 from pipeline.formats import megatron_args
@@ -39,8 +40,6 @@ from pipeline.models import FAMILIES, by_architecture
 from pipeline.models.hf_config import ffn_size, head_dim, model_config, model_from_hf, padded_vocab_size
 from pipeline.models.mapping import Family, Geometry, Mapping, hf_names
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger(__name__)
 
@@ -122,15 +121,6 @@ def checked(partial: Path, dst: Path, failed: Path, check: Check) -> None:
     report, path = check.moved(failed, failed)
     raise ConversionError(f"{report['problem']}. The converted output was not published: it is kept at {failed} "
                           f"(report: {path}), and {dst} is as it was")
-
-
-def copy_tokenizer_files(src: Optional[Path], dst: Path) -> list:
-    copied = []
-    for name in TOKENIZER_FILES if src else ():
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 # ----------------------------------------------------------------------------- HF side
@@ -347,7 +337,8 @@ def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer:
         config.save_pretrained(str(out))
         GenerationConfig.from_model_config(config).save_pretrained(str(out))
         source_tokenizer = tokenizer or (Path(args["tokenizer_dir"]) if args.get("tokenizer_dir") else None)
-        copied = copy_tokenizer_files(source_tokenizer, out)
+        # the trained context (checkpoints written before seq_len was stored: the model's)
+        copied = copy_tokenizer(source_tokenizer, out, args.get("seq_len") or model["max_position_embeddings"])
     return {"tensors": len(mappings), "tokenizer_files": copied, "source": str(path)}
 
 

@@ -211,7 +211,8 @@ def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
         # stored in every checkpoint, so converters and later runs know what it holds
         "checkpoint_args": {"model": model, "vocab_size": vocab_size, "padded_vocab_size": padded,
                             "make_vocab_size_divisible_by": t.make_vocab_size_divisible_by,
-                            "eod_id": data["eod_id"], "tokenizer_dir": data["tokenizer_dir"]},
+                            "eod_id": data["eod_id"], "tokenizer_dir": data["tokenizer_dir"],
+                            "seq_len": t.seq_len},  # export/hf's tokenizer model_max_length
     }
 
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline.data.preprocess import NO_EFFECT, add_arguments
 from pipeline.data.tokenizer import copy_tokenizer
 
-from conftest import cli, read_bytes
+from conftest import cli, read_bytes, tiny_hf
 
 
 def test_stage_writes_the_portable_form_with_the_eod_as_pad(tokenizer_dir):
@@ -41,6 +41,31 @@ def test_copy_beside_a_model_sets_model_max_length_and_keeps_the_ids(tokenizer_d
     text = "def f(x):\n    return x + 1  <|endoftext|> über"
     assert ours(text).input_ids == source(text).input_ids
 
+
+
+def test_conversion_to_hf_writes_the_portable_tokenizer_with_the_trained_context(tokenizer_dir, tmp_path):
+    """megatron_to_hf: a checkpoint whose args hold seq_len (ours from now on) gives it as model_max_length;
+    one without (older, or converted from HF) gives the model's max_position_embeddings."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pipeline.convert import megatron_io
+    from pipeline.convert.convert import hf_to_megatron, megatron_to_hf
+    from pipeline.formats.megatron_args import PIPELINE_ARGS
+    from pipeline.safeload import COMMON_FILE
+
+    hf_to_megatron(tiny_hf("llama", tmp_path / "hf"), tmp_path / "meg", fmt="torch_dist")
+    megatron_to_hf(tmp_path / "meg", tmp_path / "back", tokenizer=tokenizer_dir)
+    positions = json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"]
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "back")).model_max_length == positions
+    assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
+    path, _ = megatron_io.read_args(tmp_path / "meg")  # now with seq_len in its args, as the train stage stores it
+    common = torch.load(path / COMMON_FILE, weights_only=False)
+    getattr(common["args"], PIPELINE_ARGS)["seq_len"] = 96
+    torch.save(common, path / COMMON_FILE)
+    megatron_to_hf(tmp_path / "meg", tmp_path / "trained", tokenizer=tokenizer_dir)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "trained")).model_max_length == 96
 
 def test_portable_config_converts_what_4x_refuses():
     from pipeline.data.tokenizer import portable_config
