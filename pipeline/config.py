@@ -439,24 +439,18 @@ def _entry_schema(kind: Any) -> Optional[type]:
     return None
 
 
-def open_keys(schema: Optional[type] = None, prefix: str = "") -> List[str]:
+def _leaf_keys(schema: Optional[type] = None, prefix: str = "") -> Dict[str, Any]:
+    """{dotted key: type} of every field that is not itself a dataclass (a dict field is one leaf)."""
+    schema = schema or Config
+    keys: Dict[str, Any] = {}
+    for name, kind in typing.get_type_hints(schema).items():
+        keys.update(_leaf_keys(kind, f"{prefix}{name}.") if dataclasses.is_dataclass(kind) else {prefix + name: kind})
+    return keys
+
+
+def open_keys() -> List[str]:
     """The dict fields, where `+key=` may add a name (data.sources, data.mix.weights)."""
-    schema = schema or Config
-    keys: List[str] = []
-    for name, kind in typing.get_type_hints(schema).items():
-        if dataclasses.is_dataclass(kind):
-            keys += open_keys(kind, f"{prefix}{name}.")
-        elif typing.get_origin(kind) is dict:
-            keys.append(prefix + name)
-    return keys
-
-
-def _plain_keys(schema: Optional[type] = None, prefix: str = "") -> List[str]:
-    schema = schema or Config
-    keys: List[str] = []
-    for name, kind in typing.get_type_hints(schema).items():
-        keys += _plain_keys(kind, f"{prefix}{name}.") if dataclasses.is_dataclass(kind) else [prefix + name]
-    return keys
+    return [key for key, kind in _leaf_keys().items() if typing.get_origin(kind) is dict]
 
 
 def _sibling_names(key: str) -> Optional[List[str]]:
@@ -473,7 +467,7 @@ def nearest_key(key: str) -> Optional[str]:
     near = difflib.get_close_matches(leaf, _sibling_names(key) or [], n=1)
     if near:
         return f"{parent}.{near[0]}" if parent else near[0]
-    by_leaf = {k.rsplit(".", 1)[-1]: k for k in _plain_keys()}
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in _leaf_keys()}
     near = difflib.get_close_matches(leaf, list(by_leaf), n=1)
     return by_leaf[near[0]] if near else None
 
@@ -528,6 +522,10 @@ def _hydra_overrides(overrides: Sequence[str], config_dirs: Sequence[Path]) -> L
     return out
 
 
+def _hydra_lines(overrides: Sequence[str], config_dirs: Sequence[Path]) -> List[str]:
+    return [line for line, _ in _hydra_overrides(overrides, config_dirs)]
+
+
 @contextlib.contextmanager
 def _hydra(config_dirs: Sequence[Path]):
     """Hydra initialised on our configs/; yields the user dirs to put on its search path."""
@@ -556,15 +554,17 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()) -> 
             key = getattr(e.__cause__, "full_key", None)
             # a field the schema lacks: Hydra's hint (`+key=`) would be refused too; a new dict entry
             # (data.sources.mine.path=) keeps the hint, which works
-            if isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)) and _sibling_names(key) is not None:
+            if isinstance(e.__cause__, (ConfigKeyError, ConfigAttributeError)) and key and \
+                    _sibling_names(key) is not None:
                 raise ConfigError(f"Could not override '{key}'. {_unknown_key(key)}") from None
             for line, o in lines:  # name the override as the user wrote it, not as rewritten above
                 if o is not None and line != o.input_line and line in str(e):
                     raise ConfigCompositionException(str(e).replace(line, o.input_line)) from e.__cause__
             raise
-    for key in _added_keys(cfg, Config):
-        raise _unknown_key(key, next((o.input_line for _, o in lines if o is not None and (
-            key == o.key_or_group or key.startswith(o.key_or_group + "."))), ""))
+    added = _added_keys(cfg, Config)
+    if added:
+        raise _unknown_key(added[0], next((o.input_line for _, o in lines if o is not None and (
+            added[0] == o.key_or_group or added[0].startswith(o.key_or_group + "."))), ""))
     OmegaConf.resolve(cfg)
     validate(cfg)
     return cfg
@@ -575,7 +575,7 @@ def hydra_config(overrides: Sequence[str] = (), config_dirs: Sequence[Path] = ()
     from hydra import compose as hydra_compose
 
     with _hydra(config_dirs) as dirs:
-        return hydra_compose(config_name="config", overrides=[line for line, _ in _hydra_overrides(overrides, dirs)],
+        return hydra_compose(config_name="config", overrides=_hydra_lines(overrides, dirs),
                              return_hydra_config=True).hydra
 
 
@@ -586,7 +586,7 @@ def defaults_list(overrides: Sequence[str] = (), config_dirs: Sequence[Path] = (
 
     with _hydra(config_dirs) as dirs:
         found = GlobalHydra.instance().config_loader().compute_defaults_list(
-            "config", [line for line, _ in _hydra_overrides(overrides, dirs)], RunMode.RUN)
+            "config", _hydra_lines(overrides, dirs), RunMode.RUN)
     return [(d.config_path, d.package or "_global_", d.parent or "") for d in found.defaults
             if not (d.config_path or "").startswith("hydra/")]
 
