@@ -231,6 +231,7 @@ class TrainConfig:
     # reset_attention_mask + reset_position_ids); true changes what older runs trained, so it is plain identity
     document_mask: bool = True
     eod_mask_loss: bool = added(False)  # no loss where the input is EOD (predicting the next document's start)
+    peak_tflops: Optional[float] = how(None)  # one device's dense bf16 peak, for MFU; None = by GPU name
 
 
 @dataclass

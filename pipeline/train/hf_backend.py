@@ -24,6 +24,7 @@ from pipeline.train import tracking
 from pipeline.train.blocks import BlockDataset
 from pipeline.train.checkpoints import check_identity, remove_half_written, resolve_precision
 from pipeline.train.job import TrainJob
+from pipeline.train.throughput import Meter
 
 # train.tracker -> the Trainer's report_to; swanlab is logged by swanlab_callback() instead
 REPORT_TO = {"none": [], "swanlab": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"]}
@@ -157,6 +158,8 @@ def pipeline_callback(job: TrainJob):
         def __init__(self):
             self.last_time, self.last_step = time.time(), 0
             self.resume: Optional[Path] = None
+            self.meter = Meter(job.model, job.vocab_size, job.train.seq_len, int(os.environ.get("WORLD_SIZE", 1)),
+                               job.train.peak_tflops)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs is None:
@@ -164,8 +167,8 @@ def pipeline_callback(job: TrainJob):
             now = time.time()
             logs["tokens_seen"] = state.global_step * tokens_per_step
             if state.global_step > self.last_step:
-                logs["tokens_per_second"] = round((state.global_step - self.last_step) * tokens_per_step
-                                                  / max(now - self.last_time, 1e-9), 1)
+                logs.update(self.meter.measure((state.global_step - self.last_step) * tokens_per_step,
+                                               now - self.last_time))
                 self.last_time, self.last_step = now, state.global_step
             if state.is_world_process_zero:
                 with open(job.out / STEP_LOG, "a") as f:
@@ -266,7 +269,8 @@ def train(job: TrainJob) -> None:
                    "resumed_from": resume.name if resume else None,
                    "resumed_step": resume_step,
                    "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
-                   "precision": precision, "world_size": int(os.environ.get("WORLD_SIZE", 1))}
+                   "precision": precision, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+                   **progress.meter.summary()}
         (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     if dist.is_initialized():
         dist.barrier()

@@ -91,6 +91,7 @@ class TrainSettings:
     make_vocab_size_divisible_by: int = _TRAIN["make_vocab_size_divisible_by"]
     document_mask: bool = _TRAIN["document_mask"]
     eod_mask_loss: bool = _TRAIN["eod_mask_loss"]
+    peak_tflops: Optional[float] = _TRAIN["peak_tflops"]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainSettings":

@@ -25,6 +25,7 @@ from pipeline.train.checkpoints import resolve_precision
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore import checkpoint, cpu, data, step
 from pipeline.train.mcore import model as models
+from pipeline.train.throughput import Meter
 
 
 def main(job_path: str) -> None:
@@ -65,6 +66,7 @@ def main(job_path: str) -> None:
     valid_batches = data.MicroBatches(valid_ds, global_batch, t.micro_batch_size, dp_rank, dp)
     tokens_per_step = global_batch * t.seq_len
     steplog = step.StepLog(job, total_steps, iteration)
+    meter = Meter(job.model, job.padded_vocab_size, t.seq_len, dist.get_world_size(), t.peak_tflops)
 
     first_loss, eval_loss = None, None
     for c in model:
@@ -76,8 +78,7 @@ def main(job_path: str) -> None:
         loss = float(total[0] / total[1])
         first_loss = loss if first_loss is None else first_loss
         row = {"loss": loss, "learning_rate": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
-               "tokens_seen": iteration * tokens_per_step,
-               "tokens_per_second": round(tokens_per_step / max(time.time() - started, 1e-9), 1)}
+               "tokens_seen": iteration * tokens_per_step, **meter.measure(tokens_per_step, time.time() - started)}
         if (iteration % job.eval_every_steps == 0 or iteration == total_steps) and valid_steps:
             eval_loss = row["eval_loss"] = step.evaluate(model, valid_batches, valid_steps, num_micro, job)
         if iteration % t.logging_steps == 0 or "eval_loss" in row:
@@ -93,7 +94,8 @@ def main(job_path: str) -> None:
         summary = {"first_loss": first_loss, "eval_loss": eval_loss, "steps": iteration,
                    "tokens_seen": iteration * tokens_per_step, "resumed_from": resumed_from,
                    "resumed_step": resumed_step, "precision": precision,
-                   "layout": layout, "checkpoint": f"checkpoints/{iteration_dir(ckpt_root, iteration).name}"}
+                   **meter.summary(), "layout": layout,
+                   "checkpoint": f"checkpoints/{iteration_dir(ckpt_root, iteration).name}"}
         (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     dist.barrier()
     dist.destroy_process_group()  # without it gloo's threads abort the process at exit

@@ -49,3 +49,29 @@ def step_throughput(tokens_per_second: float, flops_token: float, devices: int,
     """{"tflops_per_device", "mfu"} of a step; mfu is None when the peak is unknown."""
     tflops = tokens_per_second * flops_token / max(devices, 1) / 1e12
     return {"tflops_per_device": round(tflops, 4), "mfu": round(tflops / peak, 4) if peak else None}
+
+
+class Meter:
+    """A run's throughput, the same on both backends: each measured interval's tokens/s, TFLOP/s per
+    device and MFU (None kept out), and the run's mean over every interval but the first, which pays
+    for start-up (allocation, kernel selection, the first collective)."""
+
+    def __init__(self, model: Mapping[str, Any], vocab: int, seq_len: int, devices: int,
+                 peak_override: Optional[float] = None):
+        self.flops_token = flops_per_token(model, vocab, seq_len)
+        self.devices, self.peak = devices, device_peak(peak_override)
+        self.intervals, self.tokens, self.seconds = 0, 0.0, 0.0
+
+    def measure(self, tokens: float, seconds: float) -> Dict[str, float]:
+        if self.intervals:
+            self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        self.intervals += 1
+        return self._row(tokens / max(seconds, 1e-9))
+
+    def summary(self) -> Dict[str, float]:
+        """The mean over the run (this process's part of it; a single interval when that is all there is)."""
+        return self._row(self.tokens / self.seconds) if self.seconds else {}
+
+    def _row(self, rate: float) -> Dict[str, float]:
+        row = {"tokens_per_second": round(rate, 1), **step_throughput(rate, self.flops_token, self.devices, self.peak)}
+        return {k: v for k, v in row.items() if v is not None}

@@ -96,7 +96,13 @@ def test_two_process_zero2_trains_loss_drops_and_the_hf_dir_generates(corpus, ru
     assert summary["steps"] == 40 and summary["tokens_seen"] == 40 * 2048 and summary["world_size"] == 2
     assert summary["eval_loss"] < losses[1] - 0.5, (losses[1], summary)
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert {"loss", "grad_norm", "learning_rate", "tokens_seen", "tokens_per_second"} <= set(rows[5])
+    assert {"loss", "grad_norm", "learning_rate", "tokens_seen", "tokens_per_second",
+            "tflops_per_device"} <= set(rows[5])
+    assert "mfu" not in rows[5]  # no GPU, no peak: no made-up MFU
+    from pipeline.train.throughput import flops_per_token
+
+    flops = flops_per_token(job["model"], job["vocab_size"], job["train"]["seq_len"])
+    assert summary["tflops_per_device"] == pytest.approx(summary["tokens_per_second"] * flops / 2 / 1e12, rel=1e-3)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -56,7 +56,9 @@ def test_tp2_and_pp2_train_and_loss_drops(straight, layout):
     assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "24"
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000016", "iter_0000024"]  # keep_checkpoints=2
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert {"loss", "grad_norm", "learning_rate", "tokens_seen", "tokens_per_second"} <= set(rows[3])
+    assert {"loss", "grad_norm", "learning_rate", "tokens_seen", "tokens_per_second",
+            "tflops_per_device"} <= set(rows[3])
+    assert "mfu" not in rows[3]  # no GPU, no peak: no made-up MFU
 
 
 def test_layouts_agree_on_the_same_init_and_data(corpus, base_run, straight, tmp_path):
