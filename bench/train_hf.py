@@ -1,6 +1,6 @@
 """Step time of the pipeline's HF training against a bare PyTorch loop, in the same run.
 
-    python bench/train_hf.py [--steps 40] [--rounds 2]
+    python bench/train_hf.py [--steps 60] [--rounds 3] [--smoke] [model/train overrides ...]
 
 Both sides: the tiny_cpu model (same init, from the pipeline's own build_model), the same mixed data
 through BlockDataset, the same batches (seeded sampler, 4 x 128 tokens micro batch, 4 accumulation
@@ -9,7 +9,7 @@ and the cosine schedule. Pipeline = transformers.Trainer with the TrainingArgume
 builds (training_arguments in pipeline/train/hf_backend.py), once plain and once with DeepSpeed ZeRO-2
 (one rank). Evaluation and checkpointing are off on both sides: this measures the step loop. The
 first 5 steps are warm-up and not timed; the median step time is compared.
-Target: pipeline / bare <= 1.05.
+Target: pipeline / bare <= 1.05. --smoke: 7 steps, one round (make test runs it, to keep it working).
 """
 from __future__ import annotations
 
@@ -23,20 +23,22 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 import argparse
 import math
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench.measure, by the package path (this script's own folder is off sys.path)
+from bench.measure import RESULT, parse_args, ratio, result_fields, run_checked  # noqa: E402
+
 WARMUP = 5
 
 
 def data_run(out: Path) -> Path:
     run_dir = out / "train_bench_run"
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", f"run_dir={run_dir}", "--only",
-                    "tokenizer,tokenize,mix"], check=True, capture_output=True)
+    run_checked([sys.executable, "-m", "pipeline.cli", "run", f"run_dir={run_dir}", "--only",
+                 "tokenizer,tokenize,mix"], "the data stages")
     return run_dir
 
 
@@ -146,7 +148,7 @@ def one_variant(variant: str, steps: int, overrides: list, out: Path) -> None:
     times, fwd_bwd = bare_step_times(job, dataset) if variant == "bare" else pipeline_step_times(job, dataset)
     other = [t - f for t, f in zip(times, fwd_bwd)]
     m = job["model"]
-    print(f"RESULT {statistics.median(times)} {statistics.median(other)} {m['num_layers']} {m['hidden_size']} "
+    print(f"{RESULT}{statistics.median(times)} {statistics.median(other)} {m['num_layers']} {m['hidden_size']} "
           f"{job['grad_accumulation']} {job['global_batch_tokens']} {job['train']['micro_batch_size']} "
           f"{job['train']['seq_len']}")
 
@@ -159,7 +161,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "out"))
     ap.add_argument("overrides", nargs="*",
                     help="Hydra overrides for the model/train config, e.g. model.hidden_size=512")
-    args = ap.parse_args()
+    args = parse_args(ap, {"steps": 7, "rounds": 1})
     if args.variant:
         return one_variant(args.variant, args.steps, args.overrides, Path(args.out))
     data_run(Path(args.out))
@@ -167,12 +169,8 @@ def main() -> None:
     others = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):  # interleaved, each in a fresh process, so noise hits every side alike
         for variant in VARIANTS:
-            proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
-                                   "--out", args.out, *args.overrides], capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-            fields = line.split()[1:]
+            fields = result_fields([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
+                                    "--out", args.out, *args.overrides], variant)
             medians[variant].append(float(fields[0]))
             others[variant].append(float(fields[1]))
     layers, hidden, accumulation, tokens, micro, seq = fields[2:]
@@ -193,6 +191,9 @@ def main() -> None:
         added = other[key] - other["bare"]
         print(f"{VARIANTS[key]}: adds {added * 1000:+.1f} ms/step outside forward+backward = "
               f"{added / best['bare'] * 100:+.1f}% of a bare step")
+    print()
+    for key in ("trainer", "zero2"):
+        ratio(f"{VARIANTS[key]} step time", best[key] / best["bare"], "the bare loop's (target <= 1.05x)")
 
 
 if __name__ == "__main__":

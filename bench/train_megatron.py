@@ -1,6 +1,6 @@
 """Step time of the pipeline's megatron backend at TP=1 against a bare PyTorch loop, in the same run.
 
-    python bench/train_megatron.py [--steps 60] [--rounds 3] [model/train overrides ...]
+    python bench/train_megatron.py [--steps 60] [--rounds 3] [--smoke] [model/train overrides ...]
 
 Pipeline = the real train stage (`pipeline run --only train`, experiment tiny_cpu_megatron at TP=1,
 PP=1, one process): megatron-core's DDP, distributed optimizer, pipeline schedule, GPTDataset
@@ -10,7 +10,9 @@ the same micro batches from the same GPTDataset, trained by a hand-written loop:
 loss, backward, clip_grad_norm_, torch AdamW with the same betas/eps/weight decay and the same
 warmup + cosine schedule. Evaluation and checkpointing are outside the timed steps on both sides.
 Each side runs in a fresh process; rounds are interleaved so machine noise hits both alike; the
-first 5 steps are warm-up. On a GPU the pipeline's MFU is reported too (bf16 dense peak of the
+first 5 steps are warm-up. --smoke: 7 steps, one round (make test runs it, to keep it working). The
+data stages and the import stage (nothing to import here) run first: the train stage needs all three
+published. On a GPU the pipeline's MFU is reported too (bf16 dense peak of the
 device, from PEAK_TFLOPS; not gated), e.g. for a ~1B Llama:
     python bench/train_megatron.py model.hidden_size=2048 model.num_layers=16 model.num_attention_heads=16 \\
         model.num_key_value_heads=8 model.ffn_hidden_size=5632 train.seq_len=2048 train.micro_batch_size=4 \\
@@ -30,12 +32,15 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench.measure, by the package path (this script's own folder is off sys.path)
+from bench.measure import RESULT, parse_args, ratio, result_fields, run_checked  # noqa: E402
+
 WARMUP = 5
+DATA_STAGES = "tokenizer,tokenize,mix,import"  # what the train stage needs published (pipeline/stages.py)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense, per GPU
 
 
@@ -48,10 +53,7 @@ def pipeline_args(run_dir: Path, steps: int, overrides: list) -> list:
 def pipeline_step_times(run_dir: Path, steps: int, overrides: list) -> list:
     """Runs the train stage; its step log has tokens/s of every step (wall time since the previous one)."""
     shutil.rmtree(run_dir / "train", ignore_errors=True)
-    proc = subprocess.run(pipeline_args(run_dir, steps, overrides) + ["--only", "train"], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        sys.exit(f"pipeline run failed:\n{proc.stderr[-3000:]}")
+    run_checked(pipeline_args(run_dir, steps, overrides) + ["--only", "train"], "pipeline run --only train")
     job = json.loads((run_dir / "train" / "job.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "train" / "train_log.jsonl").read_text().splitlines()]
     return [job["global_batch_tokens"] / r["tokens_per_second"] for r in rows][WARMUP:]
@@ -136,22 +138,18 @@ def main() -> None:
     ap.add_argument("--bare-job", help=argparse.SUPPRESS)  # internal: run the bare side for this job.json
     ap.add_argument("--out", default=str(REPO / "bench" / "out"))
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.hidden_size=512")
-    args = ap.parse_args()
+    args = parse_args(ap, {"steps": 7, "rounds": 1})
     if args.bare_job:
-        print("RESULT", statistics.median(bare_step_times(Path(args.bare_job))))
+        print(f"{RESULT}{statistics.median(bare_step_times(Path(args.bare_job)))}")
         return
     run_dir = Path(args.out) / "train_megatron_bench_run"
-    subprocess.run(pipeline_args(run_dir, args.steps, args.overrides) + ["--only", "tokenizer,tokenize,mix"],
-                   check=True, capture_output=True)
+    run_checked(pipeline_args(run_dir, args.steps, args.overrides) + ["--only", DATA_STAGES], DATA_STAGES)
     medians = {"bare": [], "pipeline": []}
     for _ in range(args.rounds):  # interleaved, each side in a fresh process
         medians["pipeline"].append(statistics.median(pipeline_step_times(run_dir, args.steps, args.overrides)))
-        proc = subprocess.run([sys.executable, __file__, "--bare-job", str(run_dir / "train" / "job.json")],
-                              capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"bare loop failed:\n{proc.stderr[-3000:]}")
-        medians["bare"].append(float(line.split()[1]))
+        fields = result_fields([sys.executable, __file__, "--bare-job", str(run_dir / "train" / "job.json")],
+                               "bare loop")
+        medians["bare"].append(float(fields[0]))
     job = json.loads((run_dir / "train" / "job.json").read_text())
     m, t = job["model"], job["train"]
     best = {k: min(v) for k, v in medians.items()}
@@ -165,6 +163,8 @@ def main() -> None:
     for key, label in labels.items():
         runs = " ".join(f"{x * 1000:.0f}" for x in medians[key])
         print(f"{label:<46} {best[key] * 1000:>8.1f} {best[key] / best['bare']:>7.3f}x   {runs}")
+    print()
+    ratio("megatron backend step time", best["pipeline"] / best["bare"], "the bare loop's")
     import torch
 
     if torch.cuda.is_available():
