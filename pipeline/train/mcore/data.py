@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.train.job import TrainJob
+from pipeline.train.mcore.model import uses_te
 
 
 class _TokenizerInfo:
@@ -33,7 +34,9 @@ def build_datasets(job: Union[TrainJob, Mapping], train_samples: int, valid_samp
         # train.document_mask: megatron-core's own reset options; its [1, s, s] mask then blocks attention
         # across the EOD boundaries (step.model_inputs says how each attention consumes it)
         reset_position_ids=t.document_mask, reset_attention_mask=t.document_mask, eod_mask_loss=t.eod_mask_loss,
-        create_attention_mask=True,  # an explicit causal mask: megatron's default one is built on CUDA
+        # an explicit causal mask: megatron's default one is built on CUDA. None for TE's packed rows, which
+        # take their boundaries from the position ids
+        create_attention_mask=not (t.document_mask and uses_te()),
         path_to_cache=str(Path(job.work_dir) / "dataset_cache"),
     )
     # every rank reads its own micro batches; rank 0 builds the index caches first, the others then load them
