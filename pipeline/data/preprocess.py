@@ -57,9 +57,11 @@ FLAG_TERMS = (
     ("set data.sources.{key}.format to one of jsonl, json, parquet, txt",
      "give it one of the suffixes .jsonl, .jsonl.gz, .json, .parquet, .txt"),
     ("data.sources.{key}.format", "--input"),
+    ("data.sources.{key}.path", "--input"),
     ("set data.sources.{key}.text_field", "name another field with --json-keys"),
     ("data.tokenize.engine=", "--engine "),
     ("use engine=auto or engine=hf", "use --engine auto or --engine hf"),
+    ("set one (as `pipeline run` does from tokenizer.eod_token)", "set eos_token in its tokenizer_config.json"),
 )
 
 

@@ -154,3 +154,17 @@ def test_bad_record_message_names_the_flag(tokenizer_dir, tmp_path, capsys):
     assert "data.sources" not in err
     assert cli("preprocess", "--input", str(docs), "--output-prefix", str(tmp_path / "o"),
                "--tokenizer-model", str(tokenizer_dir), "--engine", "hf", "--on-bad-record", "skip") == 0
+
+
+def test_a_tokenizer_without_eos_is_refused_in_flag_terms(tokenizer_dir, tmp_path, capsys):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    (tok / "tokenizer_config.json").write_text("{}")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "fine"}) + "\n")
+    assert cli("preprocess", "--input", str(docs), "--output-prefix", str(tmp_path / "o"),
+               "--tokenizer-model", str(tok)) == 2
+    err = capsys.readouterr().err
+    assert "has no eos_token" in err and "set eos_token in its tokenizer_config.json" in err
+    assert "pipeline run" not in err
