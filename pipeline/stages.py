@@ -9,7 +9,8 @@ STAGES = [
           external_inputs=tokenizer.external_inputs),
     Stage("tokenize", needs=("tokenizer",), reads=("data.sources", "data.tokenize"), run=tokenize.run,
           external_inputs=tokenize.external_inputs, resumable=True, holds_work=tokenize.shards_done),
-    Stage("mix", needs=("tokenize",), reads=("data.mix",), run=mix.run),
+    # version 2: valid/<source>.bin/.idx and valid.sources.bin/.idx (per-source validation)
+    Stage("mix", needs=("tokenize",), reads=("data.mix",), run=mix.run, version="2"),
     # How-only keys (launcher, train.parallel, trackers, logging, tolerances: marked in pipeline/config.py)
     # are seen but not hashed: a partial run resumes at another layout or port, a finished one is kept.
     # The import pads the embedding for train.parallel.tp; the train stage checks that padding against

@@ -12,6 +12,12 @@ by=documents: each document's source is drawn at random with probability w_s (se
 The validation split is mixed first, with the same rule, from the head of each source; training
 continues from there and, when it repeats a source (all_exhausted / budget), it cycles over that
 source's training documents only, so valid and train never share a document.
+
+Per-source validation: beside valid.bin/.idx the stage writes valid/<source>.bin/.idx, exactly the
+documents of that source that went into valid.bin (in its order: valid.bin is their disjoint union), and
+valid.sources.bin/.idx, valid.bin's shape with every token replaced by the index of its document's source
+(in VALID_SOURCES order of mix_report.json). Both backends read that stream beside valid.bin, block for
+block, to attribute each evaluated token to its source.
 """
 from __future__ import annotations
 
@@ -29,6 +35,19 @@ from pipeline.formats.indexed import IndexedReader, IndexedWriter, check_token_i
 from pipeline.runner import MANIFEST, StageContext
 
 FLUSH = 1 << 16  # picks buffered before their tokens are copied out
+BY_SOURCE = "valid"  # valid/<source>.bin/.idx: one source's share of the validation split
+SOURCE_IDS = "valid.sources"  # valid.bin's shape, each token its document's source index
+VALID_SOURCES = "valid_sources"  # mix_report.json: the sources in index order
+
+
+def source_prefix(mix_dir: Path, source: str) -> Path:
+    """One source's share of the mix's validation split."""
+    return Path(mix_dir) / BY_SOURCE / source
+
+
+def valid_sources(mix_dir: Path) -> List[str]:
+    """The sources the valid.sources stream indexes; [] for a mix written before it existed."""
+    return (read_json(Path(mix_dir) / "mix_report.json") or {}).get(VALID_SOURCES, [])
 
 
 @dataclass
@@ -56,9 +75,13 @@ class SplitResult:
 class SplitWriter:
     """Copies picked documents into a .bin/.idx, a run of consecutive documents at a time."""
 
-    def __init__(self, prefix: Path, dtype: np.dtype, names: List[str], readers: Dict[str, IndexedReader]):
+    def __init__(self, prefix: Path, dtype: np.dtype, names: List[str], readers: Dict[str, IndexedReader],
+                 by_source: bool = False):
         self.writer = IndexedWriter(prefix, dtype)
         self.names, self.readers = names, readers
+        # the validation split also goes to one file per source and to the source-id stream (see above)
+        self.by_source = [IndexedWriter(source_prefix(prefix.parent, n), dtype) for n in names] if by_source else []
+        self.ids = IndexedWriter(prefix.parent / SOURCE_IDS, dtype) if by_source else None
         self.picks: List[tuple] = []
         self.max_ids = [-1] * len(names)  # per source: the largest id copied, checked against the vocabulary
 
@@ -81,12 +104,16 @@ class SplitWriter:
             if tokens.size:  # pages being copied anyway
                 self.max_ids[s] = max(self.max_ids[s], int(tokens.max()))
             self.writer.add(tokens, lengths)
+            if self.ids is not None:
+                self.by_source[s].add(tokens, lengths)
+                self.ids.add(np.full(tokens.size, s, dtype=self.writer.dtype), lengths)
             i = j
         self.picks = []
 
     def finish(self) -> None:
         self.flush()
-        self.writer.finish()
+        for writer in [self.writer, *self.by_source, *([self.ids] if self.ids else [])]:
+            writer.finish()
 
 
 def mix_split(cursors: List[Cursor], weights: np.ndarray, out: SplitWriter, by: str, stopping: str,
@@ -175,14 +202,14 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any, vocab_size: Optional[i
     rng = np.random.default_rng(cfg.seed)
     cursors = [Cursor(readers[n]) for n in names]
     results = {}
+    valid_out = SplitWriter(out_dir / "valid", dtype, names, readers, by_source=True)
     if valid_budget > 0:
-        valid_out = SplitWriter(out_dir / "valid", dtype, names, readers)
         results["valid"] = mix_split(cursors, weights, valid_out, by, "first_exhausted", valid_budget, rng, names)
         if results["valid"].tokens < valid_budget:
             raise DataError(f"data.mix: the sources hold only {results['valid'].tokens} tokens for a "
                              f"{valid_budget}-token validation split; lower data.mix.valid_fraction/valid_tokens")
     else:
-        IndexedWriter(out_dir / "valid", dtype).finish()
+        valid_out.finish()
         results["valid"] = SplitResult(per_source={n: {"tokens": 0, "documents": 0, "repeats": 0, "max_token_id": -1}
                                                    for n in names})
     for c in cursors:  # training cycles over what validation did not take
@@ -198,6 +225,7 @@ def mix(inputs: Dict[str, Path], out_dir: Path, cfg: Any, vocab_size: Optional[i
         "weights": {n: round(float(w), 6) for n, w in zip(names, weights)},
         "excluded_sources": sorted(set(cfg.weights) - set(names)),
         "dtype": np.dtype(dtype).name,
+        VALID_SOURCES: names,
         "available": {n: {"tokens": readers[n].num_tokens, "documents": len(readers[n])} for n in names},
         "splits": {split: _report(res, weights, names, readers) for split, res in results.items()},
     }

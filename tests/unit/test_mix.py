@@ -109,3 +109,33 @@ def test_sources_of_different_token_dtypes_are_a_data_error_naming_the_files(bas
     inputs = {"web": base_run / "tokenize" / "web", "code": tmp_path / "wide", "math": base_run / "tokenize" / "math"}
     with pytest.raises(DataError, match=rf"different token dtypes .*{tmp_path / 'wide'}.bin: int32"):
         mix(inputs, tmp_path / "out", mix_cfg())
+
+
+def test_valid_split_per_source_is_the_disjoint_union_of_valid_in_order(base_run, tmp_path):
+    """valid/<source> holds exactly that source's validation documents; valid.sources tags each token."""
+    from pipeline.data.mix import SOURCE_IDS, source_prefix, valid_sources
+
+    report = run_mix(base_run, tmp_path, valid_fraction=0.05)
+    names = valid_sources(tmp_path)
+    assert names == list(report["weights"]) == list(SOURCES)
+    valid, ids = IndexedReader(tmp_path / "valid"), IndexedReader(tmp_path / SOURCE_IDS)
+    assert np.array_equal(ids.lengths, valid.lengths) and ids.num_tokens == valid.num_tokens
+    per_source = {s: list(IndexedReader(source_prefix(tmp_path, s))) for s in names}
+    taken = {s: iter(docs) for s, docs in per_source.items()}
+    for doc, tags in zip(valid, ids):
+        assert len(set(tags.tolist())) == 1  # one source per document
+        source = names[int(tags[0])]
+        assert np.array_equal(next(taken[source]), doc)  # the next of that source's documents, in valid's order
+    assert all(next(rest, None) is None for rest in taken.values())  # and no document besides
+    for s in names:
+        got = report["splits"]["valid"]["sources"][s]
+        assert (got["documents"], got["tokens"]) == (len(per_source[s]), sum(d.size for d in per_source[s]))
+    assert min(len(d) for d in per_source.values()) > 0
+
+
+def test_no_validation_split_leaves_empty_per_source_files(base_run, tmp_path):
+    from pipeline.data.mix import SOURCE_IDS, source_prefix
+
+    run_mix(base_run, tmp_path, valid_fraction=0.0)
+    assert IndexedReader(tmp_path / SOURCE_IDS).num_tokens == 0
+    assert all(IndexedReader(source_prefix(tmp_path, s)).num_tokens == 0 for s in SOURCES)
