@@ -21,8 +21,8 @@ CONFIG_FILE = "tokenizer_config.json"
 MAP_FILE = "special_tokens_map.json"  # transformers 5 stopped writing it; 4.x loaders and serving stacks read it
 INFO_FILE = "pipeline_tokenizer.json"  # {eod_id, vocab_len}: what later stages need, without transformers
 # What a tokenizer dir may hold, for copies (pipeline_tokenizer.json and the manifest are ours, not the model's)
-TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, MAP_FILE, "vocab.json", "merges.txt", "tokenizer.model",
-                   "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, MAP_FILE, "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "added_tokens.json", "chat_template.jinja")
 # The class both transformers 4.x and 5.x know (5 writes TokenizersBackend, which 4.x cannot import). It
 # encodes exactly as tokenizer.json says, as the tokenize stage did, where a model's own class may add steps.
 PORTABLE_CLASS = "PreTrainedTokenizerFast"
