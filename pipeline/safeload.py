@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint import FileSystemReader, filesystem, metadata, planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
@@ -77,9 +78,15 @@ MEGATRON_ENUMS = tuple(f"megatron.core.{name}" for name in (
     "transformer.enums.AttnBackend", "transformer.enums.AttnMaskType", "transformer.enums.AttnType",
     "transformer.enums.LayerType", "transformer.enums.CudaGraphScope"))
 STAND_INS = {name: type(name.rsplit(".", 1)[1], (MegatronEnum,), {"enum": name}) for name in MEGATRON_ENUMS}
+# numpy arrays, by the names numpy 2 and numpy 1 pickle them under: Megatron-LM's RNG state holds
+# np.random.get_state(). An array is rebuilt from its dtype and bytes (an object array's items go through
+# this same allowlist), so none of these runs code of the file's choosing.
+NUMPY_GLOBALS: List[Any] = [
+    *((np._core.multiarray._reconstruct, f"{m}.multiarray._reconstruct") for m in ("numpy._core", "numpy.core")),
+    np.ndarray, np.dtype, *(type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGUS")]
 # On top of torch's weights_only set (tensors, containers, dtypes): Megatron-LM stores its args as an
 # argparse.Namespace, holding some of megatron-core's enums (their stand-ins, above, by name)
-TORCH_GLOBALS: List[Any] = [argparse.Namespace, *((cls, name) for name, cls in STAND_INS.items())]
+TORCH_GLOBALS: List[Any] = [argparse.Namespace, *((cls, name) for name, cls in STAND_INS.items()), *NUMPY_GLOBALS]
 
 
 def refused(file: Union[Path, str], names: List[str]) -> str:

@@ -229,17 +229,18 @@ class TorchDistReader:
 
     def read(self, name: str, meta: bool = False) -> torch.Tensor:
         for spelled in spellings(name):
-            for candidate in (spelled, "module." + spelled):
-                found = self._find(candidate)
+            for prefix in ("", "module."):
+                found = self._find(spelled, prefix)
                 if found is not None:
                     return found(meta)
         raise ConversionError(f"{self.path}: missing tensor {stored_key(name)[0]} (for {name})")
 
-    def _find(self, name: str):
-        """How to read `name` from what is stored: its stacked key, its own key (layers not stacked), or
-        a gated fc1's `_w`/`_v` halves; None when none of them is there."""
+    def _find(self, name: str, prefix: str):
+        """How to read `name` from what is stored under `prefix`: its stacked key, its own key (layers not
+        stacked), or a gated fc1's `_w`/`_v` halves; None when none of them is there."""
         stored = self.metadata.state_dict_metadata
         key, layer = stored_key(name)
+        key, name = prefix + key, prefix + name
         if isinstance(stored.get(key), TensorStorageMetadata):
             return lambda meta: self._read(key, layer, name, meta)
         if layer is not None and isinstance(stored.get(name), TensorStorageMetadata):
