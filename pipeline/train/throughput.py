@@ -48,7 +48,12 @@ def step_throughput(tokens_per_second: float, flops_token: float, devices: int,
                     peak: Optional[float]) -> Dict[str, Optional[float]]:
     """{"tflops_per_device", "mfu"} of a step; mfu is None when the peak is unknown."""
     tflops = tokens_per_second * flops_token / max(devices, 1) / 1e12
-    return {"tflops_per_device": round(tflops, 4), "mfu": round(tflops / peak, 4) if peak else None}
+    return {"tflops_per_device": significant(tflops), "mfu": significant(tflops / peak) if peak else None}
+
+
+def significant(x: float, digits: int = 4) -> float:
+    """x to `digits` significant digits: a CPU's 0.0025 TFLOP/s and a GPU's 412.3 both stay readable."""
+    return float(f"{x:.{digits}g}")
 
 
 class Meter:
