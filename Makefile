@@ -11,7 +11,7 @@ IMAGE      ?= pretrain-pipeline
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup pretrain lint test test-fast test-faults bench docker clean
+.PHONY: setup pretrain lint test test-fast test-faults golden bench docker clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ test-fast: lint
 # kill -9 every stage at 20 seeded points, rerun, compare with an uninterrupted run; prints a table (~1 h)
 test-faults: $(STAMP)
 	$(BIN)/python tests/faults/kill_points.py --points 20 $(ARGS)
+
+# rewrite tests/golden/losses.json after a change meant to move the default experiment's losses
+golden: $(STAMP)
+	GOLDEN_UPDATE=1 $(BIN)/python -m pytest -q tests/golden
 
 bench: $(STAMP)
 	$(BIN)/python bench/tokenize.py

@@ -78,6 +78,16 @@ def base_run(corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """The default experiment as `make pretrain` runs it, unchanged but for the run dir, once per session
+    (tests/e2e/test_pipeline.py checks its outputs, tests/golden its losses)."""
+    run_dir = tmp_path_factory.mktemp("default")
+    result = cli_subprocess("run", f"run_dir={run_dir}", cwd=run_dir)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(base_run) -> Path:
     return base_run / "tokenizer"
 

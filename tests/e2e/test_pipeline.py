@@ -1,15 +1,12 @@
 """The default experiment, as `make pretrain` runs it: every stage end to end on the shipped corpus."""
 import json
 
-from conftest import cli_subprocess
 
-
-def test_default_experiment_runs_every_stage_end_to_end(tmp_path):
+def test_default_experiment_runs_every_stage_end_to_end(default_run):
     """What `make pretrain` runs, unchanged but for the run dir: the shipped corpus, 4096-entry BPE."""
     from pipeline.formats.indexed import IndexedReader
 
-    result = cli_subprocess("run", f"run_dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    tmp_path = default_run
     manifests = {s: json.loads((tmp_path / s / "MANIFEST.json").read_text()) for s in ("tokenizer", "tokenize", "mix")}
     assert manifests["tokenizer"]["metrics"]["vocab_len"] == 4096
     report = json.loads((tmp_path / "mix" / "mix_report.json").read_text())
