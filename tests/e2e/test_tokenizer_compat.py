@@ -36,9 +36,14 @@ def venv_with(spec: str) -> Path:
             venv.create(root, clear=True, with_pip=True)
         except subprocess.CalledProcessError as e:  # no ensurepip in this Python
             pytest.skip(f"cannot make a venv with pip: {e}")
-        # --no-compile: byte-compiling transformers' thousands of files is half the install time
-        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile",
-                              spec, "tokenizers"], capture_output=True, text=True, timeout=300)
+        # --no-compile: byte-compiling transformers' thousands of files is half the install time;
+        # one retry: with no index reachable, the skip comes in seconds, not minutes
+        try:
+            pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                                  "--no-compile", "--retries", "1", "--timeout", "20", spec, "tokenizers"],
+                                 capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"pip install {spec} took over 300 s")
         if pip.returncode != 0:
             pytest.skip(f"pip cannot install {spec}: {pip.stderr.strip().splitlines()[-1:]}")
         (root / "ready").touch()
