@@ -366,7 +366,9 @@ CONVERT_ARGS = {
     "overwrite": Arg(true_or_false, "false", "true: replace a non-empty dst (the old one goes once the new is in "
                                              "place)"),
     "vocab_size": Arg(int, None, "the true vocabulary of an HF output, cut from the padded embedding; none = "
-                                 "the tokenizer's or the checkpoint's"),
+                                 "config's, the tokenizer's or the checkpoint's"),
+    "config": Arg(Path, None, "an HF dir (config.json) of the model, for an HF output of a Megatron-LM "
+                              "checkpoint: its vocab_size and special token ids"),
     "transformer_impl": Arg(str, "transformer_engine", "norm names of a legacy Megatron output: "
                                                       "transformer_engine | local"),
     "verify": Arg(true_or_false, "false", "true: verify src against the complete output (pipeline verify) before "
@@ -392,6 +394,11 @@ def cmd_convert(args) -> int:
         raise ConfigError(f"dtype: '{kv['dtype']}' is not one of {', '.join(DTYPES)}")
     if not kv["src"].is_dir():
         raise ConfigError(f"src: {kv['src']} is not a directory")
+    trainer_checkpoints = sorted(kv["src"].glob("checkpoint-*/config.json"))
+    if trainer_checkpoints and not (kv["src"] / "config.json").is_file():  # the hf backend's checkpoints dir
+        raise ConfigError(f"src: {kv['src']} holds HF Trainer checkpoints (the hf backend's), not a Megatron "
+                          f"checkpoint: give one of them ({trainer_checkpoints[-1].parent}) or the run's "
+                          f"trained model (train/hf), which are HF already")
     for key in ("tp", "pp"):
         if kv.get(key, 1) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {kv[key]}")
@@ -404,7 +411,8 @@ def cmd_convert(args) -> int:
     from_hf = (kv["src"] / "config.json").is_file()
     if kv["to"] == "hf":
         result = megatron_to_hf(kv["src"], kv["dst"], kv.get("dtype"), kv.get("tokenizer"),
-                                kv.get("max_shard_size", 5 << 30), overwrite, kv.get("vocab_size"), check)
+                                kv.get("max_shard_size", 5 << 30), overwrite, kv.get("vocab_size"), check,
+                                kv.get("config"))
     elif from_hf:
         result = hf_to_megatron(kv["src"], kv["dst"], make_vocab_size_divisible_by=kv.get(
             "make_vocab_size_divisible_by", 128), **layout)

@@ -299,7 +299,8 @@ def true_vocab(args: Dict[str, Any], tokenizer: Optional[Path], vocab_size: Opti
     if vocab_size is None:
         if not args.get("vocab_known", True):
             log.warning("%s: Megatron-LM's args hold only the padded vocab size (%d); the HF model keeps every "
-                        "padded row. Give tokenizer=<dir> or vocab_size=<n> for the true size", where, padded)
+                        "padded row. Give tokenizer=<dir>, config=<HF dir> or vocab_size=<n> for the true size",
+                        where, padded)
         return args["vocab_size"]
     if not 0 < vocab_size <= padded:
         raise ConversionError(f"vocab_size={vocab_size}: must be between 1 and the checkpoint's padded vocab size "
@@ -307,15 +308,48 @@ def true_vocab(args: Dict[str, Any], tokenizer: Optional[Path], vocab_size: Opti
     return vocab_size
 
 
+CONFIG_NAMES = ("bos_token_id", "eos_token_id", "pad_token_id")  # what config= gives that Megatron-LM's args lack
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads")
+
+
+def from_hf_config(args: Dict[str, Any], config_dir: Path) -> Dict[str, Any]:
+    """config=DIR: an HF config.json of this model gives the true vocabulary and the special token ids;
+    one of another family or shape is refused, naming what differs."""
+    file = config_dir / "config.json"
+    if not file.is_file():
+        raise ConversionError(f"config={config_dir}: no config.json there")
+    config = json.loads(file.read_text())
+    family = FAMILIES[args["model"]["family"]]
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in family.architectures:
+        raise ConversionError(f"config={config_dir}: architectures {arch} is not the checkpoint's family "
+                              f"{family.name} ({', '.join(family.architectures)})")
+    theirs, ours = model_from_hf(config, family), args["model"]
+    differ = [f"{k} {ours.get(k)} vs {theirs.get(k)}" for k in SHAPE_KEYS
+              if (ours.get(k) or ours["num_attention_heads"]) != (theirs.get(k) or theirs["num_attention_heads"])]
+    if differ:
+        raise ConversionError(f"config={config_dir}: not this checkpoint's model ({'; '.join(differ)})")
+    if not 0 < config.get("vocab_size", 0) <= args["padded_vocab_size"]:
+        raise ConversionError(f"config={config_dir}: vocab_size {config.get('vocab_size')} must be between 1 and the "
+                              f"checkpoint's padded vocab size {args['padded_vocab_size']}")
+    names = {k: config[k] for k in CONFIG_NAMES if config.get(k) is not None}
+    return {**args, "vocab_size": config["vocab_size"], "vocab_known": True,
+            "hf_config": {**args.get("hf_config", {}), **names}}
+
+
 def megatron_to_hf(src: Path, dst: Path, dtype: Optional[str] = None, tokenizer: Optional[Path] = None,
                    max_shard_size: int = 5 << 30, overwrite: bool = False,
-                   vocab_size: Optional[int] = None, check: Optional[Check] = None) -> Dict[str, Any]:
+                   vocab_size: Optional[int] = None, check: Optional[Check] = None,
+                   config: Optional[Path] = None) -> Dict[str, Any]:
     """A Megatron checkpoint dir (torch_dist or legacy, any TP/PP; ours or Megatron-LM's) -> an HF dir:
     safetensors (sharded with an index above max_shard_size), config.json, generation_config.json,
-    every tokenizer file. `vocab_size` (or the tokenizer's size) cuts the padded embedding."""
+    every tokenizer file. `vocab_size` (else `config`'s, else the tokenizer's size) cuts the padded
+    embedding."""
     from transformers import GenerationConfig
 
     path, args = megatron_io.read_args(src)
+    if config is not None:
+        args = from_hf_config(args, config)
     args = {**args, "vocab_size": true_vocab(args, tokenizer, vocab_size, path)}
     model = args["model"]
     family = FAMILIES[model["family"]]
