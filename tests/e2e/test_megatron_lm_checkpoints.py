@@ -75,6 +75,7 @@ def test_megatron_lm_checkpoint_converts_with_megatron_core_logits(written, name
     got = hf_logits(tmp_path / "hf", tokens)
     assert got.shape[-1] == config["vocab_size"]
     diff = (got - reference[..., :config["vocab_size"]]).abs().max().item()
+    print(f"{name}: max |logit diff| {diff:.2g}")  # the README's figure (pytest -s)
     assert diff <= TOLERANCE, (name, diff)
     if name == "dist_split_bf16":
         from safetensors import safe_open
@@ -99,3 +100,20 @@ def test_our_legacy_tp2_pp2_local_loads_strictly_in_megatron_core(written):
                     tokenizer_type="HuggingFaceTokenizer", data_parallel_random_init=False,
                     tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
     assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_megatron_lm_legacy_to_torch_dist_is_what_train_init_reads(written, tmp_path):
+    """The megatron backend's train.init reads torch_dist only (a legacy dir is refused by its check):
+    Megatron-LM's legacy files convert to torch_dist, which that check reads, holding the same model."""
+    from pipeline.errors import ConfigError
+    from pipeline.train.stage import megatron_init_args
+
+    with pytest.raises(ConfigError, match="train.init"):
+        megatron_init_args(str(written / "out" / "legacy_tp2" / "ckpt"))
+    src = written / "out" / "legacy_pp2_vpp2" / "ckpt"
+    assert cli("convert", f"src={src}", f"dst={tmp_path / 'td'}", "to=megatron", "format=torch_dist") == 0
+    assert megatron_init_args(str(tmp_path / "td"))["model"]["num_layers"] == 4
+    assert cli("convert", f"src={tmp_path / 'td'}", f"dst={tmp_path / 'hf'}", "to=hf") == 0
+    tokens = torch.load(written / "tokens.pt")
+    reference = torch.load(written / "out" / "legacy_pp2_vpp2" / "logits.pt")
+    assert (hf_logits(tmp_path / "hf", tokens) - reference).abs().max().item() <= TOLERANCE
