@@ -232,6 +232,10 @@ class TrainConfig:
     document_mask: bool = True
     eod_mask_loss: bool = added(False)  # no loss where the input is EOD (predicting the next document's start)
     peak_tflops: Optional[float] = how(None)  # one device's dense bf16 peak, for MFU; None = by GPU name
+    # at each evaluation, greedy continuations of these prompts go to <train>/samples.jsonl and the tracker
+    # (hf backend); [] = none
+    sample_prompts: List[str] = how(factory=lambda: ["The", "def "])
+    sample_tokens: int = how(16)  # new tokens per sample
 
 
 @dataclass

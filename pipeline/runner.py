@@ -67,6 +67,7 @@ HF_MODEL = "hf"  # train (hf backend), export: an HF model dir, tokenizer files 
 MEGATRON_MODEL = "megatron"  # import, export: a Megatron checkpoint
 STEP_LOG = "train_log.jsonl"  # train: one JSON line per logged step, rank 0, appended across resumes
 SUMMARY = "train_summary.json"  # train: the run's final metrics
+SAMPLES = "samples.jsonl"  # train: text the model generated at each evaluation, one JSON line per prompt
 LAUNCHER_LOGS = "launcher_logs"  # train: torchrun's per-rank logs, node<N>/ each
 SWANLOG = "swanlog"  # train: swanlab's local-mode logs (`swanlab watch`)
 

@@ -19,11 +19,12 @@ from pipeline import safeload
 from pipeline.data.tokenizer import copy_tokenizer
 from pipeline.formats.checkpoints import COMPLETE
 from pipeline.models.hf_config import model_config
-from pipeline.runner import CHECKPOINTS, HF_MODEL, STEP_LOG, SUMMARY
+from pipeline.runner import CHECKPOINTS, HF_MODEL, SAMPLES, STEP_LOG, SUMMARY
 from pipeline.train import tracking
 from pipeline.train.blocks import BlockDataset
 from pipeline.train.checkpoints import check_identity, remove_half_written, resolve_precision
 from pipeline.train.job import TrainJob
+from pipeline.train.per_source import eval_metrics, sources_summary
 from pipeline.train.throughput import Meter
 
 # train.tracker -> the Trainer's report_to; swanlab is logged by swanlab_callback() instead
@@ -87,6 +88,133 @@ class DocumentBlocks(BlockDataset):
 
     def __getitem__(self, i: int) -> dict:
         return block_inputs(super().__getitem__(i)["input_ids"], self.eod, self.document_mask, self.eod_mask_loss)
+
+
+class SourcedBlocks(DocumentBlocks):
+    """The validation blocks, each with its tokens' source indices: block i of the valid.sources stream
+    (pipeline/data/mix.py) beside block i of valid.bin. Without a stream every token is source 0."""
+
+    def __init__(self, prefix, job: TrainJob, source_ids: Optional[str] = None):
+        super().__init__(prefix, job)
+        self.source_ids = BlockDataset(source_ids, job.train.seq_len) if source_ids else None
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        tokens = item["input_ids"]
+        ids = self.source_ids[i]["input_ids"] if self.source_ids else tokens.new_zeros(tokens.shape)
+        return {**item, "sources": ids}
+
+
+def source_losses(logits, labels, sources, n_sources: int):
+    """Per block [1 + n_sources, 2] float64: the loss sum and the token count over its predicted tokens
+    (row 0) and over those of each source (row 1 + s). A token's loss is the model's own (cross entropy
+    against the next label, -100 ignored, as transformers' ForCausalLMLoss shifts it), counted under the
+    source of that label's document; so row 0 is exactly the sum of the others."""
+    import torch
+    import torch.nn.functional as F
+
+    target, src = labels[:, 1:], sources[:, 1:].long()
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100,
+                             reduction="none").double()
+    counted = (target != -100).double()[..., None]
+    rows = torch.cat([torch.ones_like(src)[..., None], F.one_hot(src, n_sources)], -1).double() * counted
+    return torch.stack([torch.einsum("bt,bts->bs", losses, rows), rows.sum(1)], -1)
+
+
+def sourced_trainer(names: list):
+    """The Trainer, its evaluation token-weighted (one sum over every evaluated token, not a mean of
+    batch means) and split by source: eval_loss and eval_loss/<source> from the same per-token losses
+    (source_losses), gathered across ranks by the Trainer (which drops the samples it repeated)."""
+    import torch
+    from transformers import Trainer
+
+    n_sources = max(len(names), 1)
+
+    class SourcedTrainer(Trainer):
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            self._signature_columns.append("sources")  # kept by the Trainer's column filter, popped below
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            sources = inputs.pop("sources")
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                logits = model(**inputs).logits
+            stats = source_losses(logits, inputs["labels"], sources.to(logits.device), n_sources)
+            return (stats[:, 0, 0].sum() / stats[:, 0, 1].sum()).float(), stats, None
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            output.metrics.update(eval_metrics(output.predictions.sum(0), names, metric_key_prefix))
+            return output
+
+    return SourcedTrainer
+
+
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
+             synced: bool = False) -> list:
+    """`samples` continuations of each prompt, greedy at temperature 0; rows {prompt, sample, text}.
+    synced: every rank runs it (ZeRO-3 gathers the parameters collectively)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    rows = []
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id,
+                                 synced_gpus=synced, **sampling)
+        rows += [{"prompt": prompt, "sample": k, "text": tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True)}
+                 for k, o in enumerate(out)]
+    model.train(was_training)
+    return rows
+
+
+def log_texts(run, tracker: str, rows: list, step: int) -> None:
+    """Generated samples to the tracker's run, as text (tracking.RunLog logs floats only)."""
+    texts = {f"samples/{i}": row["prompt"] + row["text"] for i, row in enumerate(rows)}
+    if run is None:
+        return
+    if hasattr(run, "add_text"):  # tensorboard
+        for key, text in texts.items():
+            run.add_text(key, text, step)
+    elif tracker == "swanlab":
+        import swanlab
+
+        run.log({key: swanlab.Text(text) for key, text in texts.items()}, step=step)
+    elif tracker == "wandb":
+        import wandb
+
+        run.log({"samples": wandb.Table(columns=["prompt", "text"], data=[[r["prompt"], r["text"]] for r in rows])},
+                step=step)
+
+
+def samples_callback(job: TrainJob, runlog=None):
+    """At each evaluation: greedy continuations of train.sample_prompts, appended by rank 0 to
+    <train>/samples.jsonl (with the step) and logged to the tracker as text (runlog: tracking.RunLog)."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, TrainerCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
+    synced = job.train.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
+
+    class SamplesCallback(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, **kw):
+            if not (synced or state.is_world_process_zero):
+                return
+            rows = generate(model, tokenizer, job.train.sample_prompts, job.train.sample_tokens, synced=synced)
+            if not state.is_world_process_zero:
+                return
+            with open(job.out / SAMPLES, "a") as f:
+                f.writelines(json.dumps({"step": state.global_step, **row}) + "\n" for row in rows)
+            log_texts(getattr(runlog, "run", None), job.train.tracker, rows, state.global_step)
+
+    return SamplesCallback()
 
 
 def build_model(job: Union[TrainJob, Mapping]):
@@ -231,7 +359,6 @@ def train(job: TrainJob) -> None:
     """This rank's part of the run: train, evaluate, save the best model and (rank 0) the summary."""
     import torch
     import torch.distributed as dist
-    from transformers import Trainer
 
     t, out = job.train, job.out
     ckpt_dir = out / CHECKPOINTS
@@ -241,14 +368,16 @@ def train(job: TrainJob) -> None:
 
     model = build_model(job)
     train_ds = DocumentBlocks(job.train_prefix, job)
-    valid_ds = DocumentBlocks(job.valid_prefix, job)
+    valid_ds = SourcedBlocks(job.valid_prefix, job, job.valid_source_ids)
     tokens_per_step = job.global_batch_tokens
     progress = pipeline_callback(job)
     swan = swanlab_callback(job) if t.tracker == "swanlab" else None
     callbacks = [progress] + ([swan] if swan else [])
+    if t.sample_prompts:
+        callbacks.append(samples_callback(job, swan))
     args = training_arguments(job, precision, cuda, report_to=REPORT_TO[t.tracker])
-    trainer = Trainer(model=model, args=args, data_collator=collate, train_dataset=train_ds, eval_dataset=valid_ds,
-                      callbacks=callbacks)
+    trainer = sourced_trainer(job.valid_sources)(model=model, args=args, data_collator=collate, train_dataset=train_ds,
+                                                 eval_dataset=valid_ds, callbacks=callbacks)
     resume = progress.resume = choose_resume(job, ckpt_dir)
     if resume:
         check_resumable(resume)  # on every rank, before any of them unpickles it
@@ -265,6 +394,7 @@ def train(job: TrainJob) -> None:
         copy_tokenizer(job.tokenizer_dir, out / HF_MODEL, model_max_length=t.seq_len)  # portable, 4.x and 5.x
         model.generation_config.save_pretrained(str(out / HF_MODEL))
         summary = {"train_loss": result.training_loss, "eval_loss": metrics["eval_loss"],
+                   "eval_sources": sources_summary(metrics),
                    "steps": trainer.state.global_step, "tokens_seen": trainer.state.global_step * tokens_per_step,
                    "resumed_from": resume.name if resume else None,
                    "resumed_step": resume_step,

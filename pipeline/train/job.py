@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from pipeline.config import ParallelConfig, TrainConfig
 
@@ -92,6 +92,8 @@ class TrainSettings:
     document_mask: bool = _TRAIN["document_mask"]
     eod_mask_loss: bool = _TRAIN["eod_mask_loss"]
     peak_tflops: Optional[float] = _TRAIN["peak_tflops"]
+    sample_prompts: List[str] = field(default_factory=lambda: list(_TRAIN["sample_prompts"]))
+    sample_tokens: int = _TRAIN["sample_tokens"]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainSettings":
@@ -118,6 +120,10 @@ class TrainJob:
     tokenizer_dir: str = ""
     train_prefix: str = ""
     valid_prefix: str = ""
+    # per-source validation (pipeline/data/mix.py): the stream of each valid token's source index, and the
+    # sources it indexes; "" and [] for a mix without them
+    valid_source_ids: str = ""
+    valid_sources: List[str] = field(default_factory=list)
     vocab_size: int = 0
     eod_id: int = 0
     grad_accumulation: int = 1

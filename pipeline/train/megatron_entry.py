@@ -25,6 +25,7 @@ from pipeline.train.checkpoints import resolve_precision
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore import checkpoint, cpu, data, step
 from pipeline.train.mcore import model as models
+from pipeline.train.per_source import sources_summary
 from pipeline.train.throughput import Meter
 
 
@@ -68,7 +69,7 @@ def main(job_path: str) -> None:
     steplog = step.StepLog(job, total_steps, iteration)
     meter = Meter(job.model, job.padded_vocab_size, t.seq_len, dist.get_world_size(), t.peak_tflops)
 
-    first_loss, eval_loss = None, None
+    first_loss, eval_loss, metrics = None, None, {}
     for c in model:
         c.train()
     while iteration < total_steps:
@@ -80,18 +81,22 @@ def main(job_path: str) -> None:
         row = {"loss": loss, "learning_rate": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
                "tokens_seen": iteration * tokens_per_step, **meter.measure(tokens_per_step, time.time() - started)}
         if (iteration % job.eval_every_steps == 0 or iteration == total_steps) and valid_steps:
-            eval_loss = row["eval_loss"] = step.evaluate(model, valid_batches, valid_steps, num_micro, job)
+            metrics = step.evaluate(model, valid_batches, valid_steps, num_micro, job)
+            eval_loss = metrics["eval_loss"]
+            row.update(metrics)
         if iteration % t.logging_steps == 0 or "eval_loss" in row:
             steplog.log(iteration, row)
         if iteration % job.save_every_steps == 0 or iteration == total_steps:
             progress = {"iteration": iteration, "layout": layout, "args": job.checkpoint_args, **job.identity}
             checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress, t.keep_checkpoints)
-    if eval_loss is None:
-        eval_loss = step.evaluate(model, valid_batches, valid_steps, num_micro, job)
+    if eval_loss is None:  # a resumed run that was already done, or no valid batch (then {})
+        metrics = step.evaluate(model, valid_batches, valid_steps, num_micro, job)
+        eval_loss = metrics.get("eval_loss")
     steplog.close()
     if dist.get_rank() == 0:
         # first_loss: of the first step this process trained (after a resume, the step after the checkpoint)
-        summary = {"first_loss": first_loss, "eval_loss": eval_loss, "steps": iteration,
+        summary = {"first_loss": first_loss, "eval_loss": eval_loss, "eval_sources": sources_summary(metrics),
+                   "steps": iteration,
                    "tokens_seen": iteration * tokens_per_step, "resumed_from": resumed_from,
                    "resumed_step": resumed_step, "precision": precision,
                    **meter.summary(), "layout": layout,

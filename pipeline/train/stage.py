@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from pipeline import launch
 from pipeline.config import CONFIG_DIR, data_parallel_size, grad_accumulation, value_of, world_size
+from pipeline.data.mix import SOURCE_IDS, valid_sources
 from pipeline.data.tokenizer import tokenizer_info
 from pipeline.errors import ConfigError, StageError
 from pipeline.files import canonical_json
@@ -36,6 +37,7 @@ from pipeline.runner import (
     JOB_FILE,
     LAUNCHER_LOGS,
     MEGATRON_MODEL,
+    SAMPLES,
     STEP_LOG,
     SUMMARY,
     SWANLOG,
@@ -125,7 +127,7 @@ def held_checkpoints(work_dir: Path) -> List[str]:
 
 # Written by the ranks and by tools pointed at them (swanlab watch, tensorboard): not pinned outputs.
 UNPINNED = (f"{SWANLOG}/*", "wandb/*", "tensorboard/*", "runs/*", "train.log", "train_node*.log",
-            f"{LAUNCHER_LOGS}/*", STEP_LOG, SUMMARY)
+            f"{LAUNCHER_LOGS}/*", STEP_LOG, SUMMARY, SAMPLES)
 
 
 def deepspeed_config(train) -> Dict[str, Any]:
@@ -248,6 +250,8 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         "tokenizer_dir": str(ctx.inputs["tokenizer"]),
         "train_prefix": str(train_prefix),
         "valid_prefix": str(valid_prefix),
+        "valid_source_ids": str(ctx.inputs["mix"] / SOURCE_IDS) if valid_sources(ctx.inputs["mix"]) else "",
+        "valid_sources": valid_sources(ctx.inputs["mix"]),
         "vocab_size": vocab_size,
         "eod_id": info["eod_id"],
         "grad_accumulation": accumulation,

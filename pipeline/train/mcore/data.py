@@ -2,9 +2,11 @@
 micro batches of each global batch in Megatron's pretraining sampler order."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Mapping, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -21,7 +23,8 @@ class _TokenizerInfo:
 
 def build_datasets(job: Union[TrainJob, Mapping], train_samples: int, valid_samples: int):
     """megatron-core's GPTDataset over the mixed train/valid .bin/.idx (one blend entry per split).
-    A split asked for more samples than it holds is walked again in a new shuffled order."""
+    A split asked for more samples than it holds is walked again in a new shuffled order. With the mix's
+    valid.sources stream, each valid sample also carries its tokens' sources (Sourced)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -41,12 +44,37 @@ def build_datasets(job: Union[TrainJob, Mapping], train_samples: int, valid_samp
     )
     # every rank reads its own micro batches; rank 0 builds the index caches first, the others then load them
     build = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build
+    # the source stream through the same GPTDataset: its indices depend only on the documents' lengths,
+    # which are valid.bin's, and the config's seed and sizes (checked in Sourced)
+    sources = dataclasses.replace(config, blend_per_split=[None, ([job.valid_source_ids], None), None])
+    build_sources = BlendedMegatronDatasetBuilder(GPTDataset, [0, valid_samples, 0], lambda: True, sources).build
+    with_sources = bool(valid_samples and job.valid_source_ids)
     if dist.get_rank() == 0:
         train, valid, _ = build()
+        ids = build_sources()[1] if with_sources else None
     dist.barrier()
     if dist.get_rank() != 0:
         train, valid, _ = build()
-    return train, valid
+        ids = build_sources()[1] if with_sources else None
+    return train, Sourced(valid, ids) if ids is not None else valid
+
+
+class Sourced:
+    """The valid GPTDataset's samples, each with `sources`: the source index of each label (sample i of the
+    same GPTDataset over valid.sources, whose labels line up with valid's token for token)."""
+
+    def __init__(self, valid, ids):
+        for name in ("document_index", "sample_index", "shuffle_index"):
+            if not np.array_equal(getattr(valid, name), getattr(ids, name)):
+                raise RuntimeError(f"GPTDataset over {ids.dataset.path_prefix} is not laid out as the valid split "
+                                   f"({name} differs): rebuild the mix (`pipeline run --force mix`)")
+        self.valid, self.ids = valid, ids
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.valid[i], "sources": self.ids[i]["labels"]}
 
 
 class MicroBatches:

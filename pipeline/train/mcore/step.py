@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -14,6 +14,7 @@ from pipeline.train import tracking
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore.data import MicroBatches
 from pipeline.train.mcore.model import uses_te
+from pipeline.train.per_source import eval_metrics
 
 
 def build_optimizer(job: TrainJob, config, model: List[torch.nn.Module], precision: str):
@@ -55,8 +56,10 @@ def model_inputs(batch: Dict[str, torch.Tensor], packed: bool) -> Dict:
                                                  max_seqlen_q=longest, max_seqlen_kv=longest)}
 
 
-def forward_step(data_iterator, model, *, packed: bool = False):
-    """One micro batch through this chunk; the loss closure runs on the last pipeline stage."""
+def forward_step(data_iterator, model, *, packed: bool = False, n_sources: int = 0):
+    """One micro batch through this chunk; the loss closure runs on the last pipeline stage. With
+    n_sources (evaluation), its report is per_source's table flattened, in float64, from the batch's
+    `sources` (data.Sourced)."""
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batch = {k: v.to(device) for k, v in next(data_iterator).items()}
     inputs = model_inputs(batch, packed)
@@ -66,14 +69,21 @@ def forward_step(data_iterator, model, *, packed: bool = False):
         mask = batch["loss_mask"].float().view(-1)
         loss_sum = (output_tensor.float().view(-1) * mask).sum()
         tokens = mask.sum().to(torch.int)
-        return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
+        if not n_sources:
+            return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
+        counted = torch.stack([output_tensor.detach().double().view(-1) * mask, mask.double()], -1)
+        by_source = counted.new_zeros(n_sources, 2).index_add_(0, batch["sources"].view(-1), counted)
+        table = torch.cat([counted.sum(0, keepdim=True), by_source])
+        return loss_sum, tokens, {"lm loss": table.view(-1)}
 
     return output, loss_func
 
 
-def run_batches(model, batches, num_microbatches: int, job: TrainJob, forward_only: bool) -> torch.Tensor:
+def run_batches(model, batches, num_microbatches: int, job: TrainJob, forward_only: bool,
+                n_sources: int = 0) -> torch.Tensor:
     """forward(+backward) of one global batch through the pipeline schedule; returns [loss sum, tokens]
-    summed over the whole world (every rank gets the same numbers)."""
+    (with n_sources: forward_step's table, flattened) summed over the whole world (every rank gets the
+    same numbers)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -82,10 +92,10 @@ def run_batches(model, batches, num_microbatches: int, job: TrainJob, forward_on
     mbs, seq = job.train.micro_batch_size, job.train.seq_len
     shape = dict(seq_length=mbs * seq, micro_batch_size=1) if packed else dict(seq_length=seq, micro_batch_size=mbs)
     losses = get_forward_backward_func()(  # the P2P shapes between pipeline stages follow the packed row
-        forward_step_func=partial(forward_step, packed=packed), data_iterator=iterators,
+        forward_step_func=partial(forward_step, packed=packed, n_sources=n_sources), data_iterator=iterators,
         model=model if len(model) > 1 else model[0], num_microbatches=num_microbatches, forward_only=forward_only,
         **shape)
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2 * (1 + n_sources), dtype=torch.float64)
     for item in losses:  # only the last pipeline stage has them
         total += item["lm loss"].double().cpu()
     # every tensor-parallel rank of the last stage holds the same numbers: count them once
@@ -108,19 +118,21 @@ def train_step(model, optimizer, scheduler, batches: MicroBatches, step: int, nu
     return total, grad_norm
 
 
-def evaluate(model, batches: MicroBatches, steps: int, num_micro: int, job: TrainJob) -> Optional[float]:
-    """Mean loss per token over the first `steps` global batches of the valid split; None for none."""
+def evaluate(model, batches: MicroBatches, steps: int, num_micro: int, job: TrainJob) -> Dict[str, float]:
+    """Over the first `steps` global batches of the valid split: the loss per token (eval_loss) and, with
+    the mix's source stream, each source's (per_source.eval_metrics); {} for no steps."""
     if not steps:
-        return None
+        return {}
     for c in model:
         c.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    names = job.valid_sources if job.valid_source_ids else []
+    total = torch.zeros(2 * (1 + len(names)), dtype=torch.float64)
     with torch.no_grad():
         for step in range(steps):
-            total += run_batches(model, [batches.batch(step) for _ in model], num_micro, job, True)
+            total += run_batches(model, [batches.batch(step) for _ in model], num_micro, job, True, len(names))
     for c in model:
         c.train()
-    return float(total[0] / total[1])
+    return eval_metrics(total.view(-1, 2), names)
 
 
 class StepLog:
