@@ -45,9 +45,13 @@ def how(default: Any = None, *, factory: Any = None) -> Any:
 ADDED = {"added": True}
 
 
-def added(default: Any) -> Any:
-    """An identity field added after the first runs (see ADDED); `default` must reproduce them."""
-    return field(default=default, metadata=ADDED)
+def added(default: Any = None, *, factory: Any = None, how_names: Tuple[str, ...] = ()) -> Any:
+    """An identity field added after the first runs (see ADDED); `default` must reproduce them. A dict
+    field may name entries that are how-only (`how_names`): those stay out of the fingerprint."""
+    metadata = {**ADDED, "how_names": how_names} if how_names else ADDED
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 class BadRecordPolicy(str, enum.Enum):
@@ -193,7 +197,27 @@ class ParallelConfig:
     vpp: Optional[int] = None  # virtual stages per pipeline rank (interleaved schedule); needs pp > 1
     sequence_parallel: bool = False  # shard norm/dropout activations along the sequence; needs tp > 1
     distributed_optimizer: bool = True  # shard fp32 master weights and Adam state across data-parallel ranks
-    recompute: Recompute = Recompute.none  # activation recompute in backward, trading compute for memory
+    recompute: Recompute = Recompute.none  # the old name of train.recompute, still read (recompute_of)
+
+
+class Attention(str, enum.Enum):
+    sdpa = "sdpa"  # hf: torch's scaled_dot_product_attention; megatron: megatron-core's auto
+    eager = "eager"  # hf: transformers' eager attention; megatron: unfused
+    flash = "flash"  # hf: flash_attention_2; megatron: Transformer Engine's flash backend (GPU + flash-attn)
+
+
+# train.hf_args / train.megatron_args entries that only change how the trainer runs (loading, logging,
+# communication, compiling, fused kernels, the recompute grouping), never the math: how-only. Every other
+# entry is identity.
+HF_HOW_ARGS = ("dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+               "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "logging_first_step",
+               "logging_nan_inf_filter", "include_num_input_tokens_seen", "disable_tqdm", "skip_memory_metrics",
+               "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
+               "ddp_backend", "ddp_timeout", "torch_compile", "torch_compile_backend", "torch_compile_mode",
+               "save_on_each_node")
+MEGATRON_HOW_ARGS = ("overlap_grad_reduce", "overlap_param_gather", "bucket_size", "bias_activation_fusion",
+                     "masked_softmax_fusion", "bias_dropout_fusion", "apply_rope_fusion", "persist_layer_norm",
+                     "gradient_accumulation_fusion", "recompute_method", "recompute_num_layers")
 
 
 @dataclass
@@ -236,6 +260,17 @@ class TrainConfig:
     # (hf backend); [] = none
     sample_prompts: List[str] = how(factory=lambda: ["The", "def "])
     sample_tokens: int = how(16)  # new tokens per sample
+    # activation recompute in backward (same math, less memory): hf full = gradient checkpointing (whole
+    # layers); megatron selective (the attention core) or full (uniform, one layer per checkpoint)
+    recompute: Recompute = how(Recompute.none)
+    attention: Attention = how(Attention.sdpa)  # the attention kernel: same math (see Attention)
+    adam_beta1: float = added(0.9)
+    adam_beta2: Optional[float] = added(None)  # None = the backend's own: hf 0.999 (TrainingArguments), megatron 0.95
+    adam_eps: float = added(1e-8)
+    # more trainer settings by name, checked by the train stage (pipeline/train/passthrough.py)
+    hf_args: Dict[str, Any] = added(factory=dict, how_names=HF_HOW_ARGS)  # hf: TrainingArguments fields
+    # megatron: TransformerConfig, OptimizerConfig or DistributedDataParallelConfig fields
+    megatron_args: Dict[str, Any] = added(factory=dict, how_names=MEGATRON_HOW_ARGS)
 
 
 @dataclass
@@ -289,6 +324,8 @@ def how_keys(schema: Optional[type] = None, prefix: str = "") -> List[str]:
         key, kind = f"{prefix}{f.name}", hints[f.name]
         if f.metadata.get("how"):
             keys.append(key)
+        elif f.metadata.get("how_names"):
+            keys += [f"{key}.{name}" for name in f.metadata["how_names"]]
         elif dataclasses.is_dataclass(kind):
             keys += how_keys(kind, key + ".")
         elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(typing.get_args(kind)[1]):
@@ -335,7 +372,8 @@ def added_defaults(schema: Optional[type] = None, prefix: str = "") -> Dict[str,
     for f in dataclasses.fields(schema):
         key, kind = f"{prefix}{f.name}", hints[f.name]
         if f.metadata.get("added"):
-            out[key] = f.default.value if isinstance(f.default, enum.Enum) else f.default
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[key] = default.value if isinstance(default, enum.Enum) else default
         elif dataclasses.is_dataclass(kind):
             out.update(added_defaults(kind, key + "."))
         elif typing.get_origin(kind) is dict and dataclasses.is_dataclass(typing.get_args(kind)[1]):
@@ -727,6 +765,35 @@ def validate_megatron_layout(cfg: DictConfig) -> None:
     _require(cfg.train.make_vocab_size_divisible_by >= 1, "train.make_vocab_size_divisible_by", "must be >= 1")
 
 
+def recompute_of(train: Any) -> str:
+    """train.recompute, else its old name train.parallel.recompute (configs and job.json files written before
+    train.recompute existed); a plain dict or the typed config."""
+    own = value_of(train.get("recompute", "none"))
+    return own if own != "none" else value_of((train.get("parallel") or {}).get("recompute", "none"))
+
+
+# the trainer settings by name each backend reads; the other's is refused rather than ignored
+BACKEND_ARGS = {"hf": "hf_args", "megatron": "megatron_args"}
+
+
+def validate_trainer_args(t: DictConfig) -> None:
+    """Config-level rules of train.recompute, the Adam settings and the by-name passthrough (its names are
+    checked against the trainer's own fields by the train stage: pipeline/train/passthrough.py)."""
+    own, old = value_of(t.recompute), value_of(t.parallel.recompute)
+    _require(own == "none" or old == "none" or own == old, "train.recompute",
+             f"{own} but its old name train.parallel.recompute says {old}; set train.recompute only")
+    _require(not (t.backend == "hf" and recompute_of(t) == "selective"), "train.recompute",
+             "the hf backend recomputes whole layers only (gradient checkpointing): use full, or none")
+    for key in ("adam_beta1", "adam_beta2"):
+        beta = t[key]
+        _require(beta is None or 0 <= beta < 1, f"train.{key}", f"must be in [0, 1), got {beta}")
+    _require(t.adam_eps > 0, "train.adam_eps", f"must be > 0, got {t.adam_eps}")
+    for backend, key in BACKEND_ARGS.items():
+        _require(t.backend == backend or not t[key], f"train.{key}",
+                 f"only the {backend} backend reads it (train.backend is {t.backend}); "
+                 f"use train.{BACKEND_ARGS[t.backend]}, or leave it empty")
+
+
 def validate_training(cfg: DictConfig) -> None:
     t, m = cfg.train, cfg.model
     _require(t.backend in ("hf", "megatron"), "train.backend", f"'{t.backend}' is not one of hf, megatron")
@@ -747,6 +814,7 @@ def validate_training(cfg: DictConfig) -> None:
     _require(world_size(cfg) >= 1, "launcher.nproc_per_node", "world size must be >= 1")
     if t.backend == "megatron":
         validate_megatron_layout(cfg)
+    validate_trainer_args(t)
     grad_accumulation(cfg)
 
 

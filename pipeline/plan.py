@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig
 
-from pipeline.config import data_parallel_size, grad_accumulation, run_dir_of, value_of, world_size
+from pipeline.config import data_parallel_size, grad_accumulation, recompute_of, run_dir_of, world_size
 from pipeline.models import by_name
 
 GIB = 1 << 30
@@ -58,13 +58,14 @@ def memory_per_gpu(cfg: DictConfig, params: int, vocab: int) -> Tuple[float, flo
         par = t.parallel
         tp, pp = par.tp, par.pp
         states = params / (tp * pp) * (2 + 4 + (12 / dp if par.distributed_optimizer else 12))
-        per_layer = {"full": 2.0}.get(value_of(par.recompute), 34 / tp if par.sequence_parallel else 10 + 24 / tp)
+        per_layer = {"full": 2.0}.get(recompute_of(t), 34 / tp if par.sequence_parallel else 10 + 24 / tp)
         # layers / pp per stage, times pp micro batches in flight on the first stage (1F1B)
         activations = m.num_layers * per_layer * s * b * h + s * b * vocab / tp * 6
         return states, activations
     z = t.zero_stage
     states = params * (2 / (dp if z >= 3 else 1) + 2 / (dp if z >= 2 else 1) + 12 / (dp if z >= 1 else 1))
-    return states, m.num_layers * 34 * s * b * h + s * b * vocab * 6
+    per_layer = 2.0 if recompute_of(t) == "full" else 34  # gradient checkpointing keeps each layer's input
+    return states, m.num_layers * per_layer * s * b * h + s * b * vocab * 6
 
 
 def training_plan(cfg: DictConfig) -> Tuple[List[str], List[str]]:
@@ -93,9 +94,10 @@ def training_plan(cfg: DictConfig) -> Tuple[List[str], List[str]]:
                  f"{activations / GIB:.1f} activations ({params / 1e9:.2f}B parameters, vocab {vocab:,})")
     warnings = []
     if total > 0.9 * launcher.gpu_memory_gb * GIB:
-        fixes = ("raise train.parallel.tp/pp, turn on train.parallel.recompute, or lower train.micro_batch_size"
+        fixes = ("raise train.parallel.tp/pp, turn on train.recompute, or lower train.micro_batch_size"
                  if t.backend == "megatron" else
-                 "raise train.zero_stage, set train.offload=true, or lower train.micro_batch_size")
+                 "raise train.zero_stage, set train.offload=true or train.recompute=full, or lower "
+                 "train.micro_batch_size")
         warnings.append(f"the estimate ({total / GIB:.1f} GiB) exceeds 90% of launcher.gpu_memory_gb "
                         f"({launcher.gpu_memory_gb} GiB): {fixes}")
     if (t.init and not Path(t.init).exists()

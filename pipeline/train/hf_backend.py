@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from pipeline import safeload
 from pipeline.data.tokenizer import copy_tokenizer
@@ -24,11 +24,14 @@ from pipeline.train import tracking
 from pipeline.train.blocks import BlockDataset
 from pipeline.train.checkpoints import check_identity, remove_half_written, resolve_precision
 from pipeline.train.job import TrainJob
+from pipeline.train.passthrough import field_names, with_hf_args
 from pipeline.train.per_source import eval_metrics, sources_summary
 from pipeline.train.throughput import Meter
 
 # train.tracker -> the Trainer's report_to; swanlab is logged by swanlab_callback() instead
 REPORT_TO = {"none": [], "swanlab": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"]}
+# train.attention -> transformers' attn_implementation
+ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
 
 def last_complete_checkpoint(ckpt_dir: Path, identity: Dict[str, str]) -> Optional[Path]:
@@ -224,18 +227,34 @@ def build_model(job: Union[TrainJob, Mapping]):
 
     job = TrainJob.of(job)
     torch.manual_seed(job.train.seed)
+    attention = ATTENTION[job.train.attention]
     if job.init:
-        return AutoModelForCausalLM.from_pretrained(job.init, torch_dtype=torch.float32)
-    return AutoModelForCausalLM.from_config(model_config(job.model, job.vocab_size, job.eod_id))
+        return AutoModelForCausalLM.from_pretrained(job.init, torch_dtype=torch.float32, attn_implementation=attention)
+    return AutoModelForCausalLM.from_config(model_config(job.model, job.vocab_size, job.eod_id),
+                                            attn_implementation=attention)
 
 
 def training_arguments(job: Union[TrainJob, Mapping], precision: str, cuda: bool, report_to: list):
-    """The TrainingArguments the job's settings stand for (bench/train_hf.py uses the same)."""
+    """The TrainingArguments the job's settings stand for (bench/train_hf.py uses the same), train.hf_args
+    last (pipeline/train/passthrough.py)."""
     from transformers import TrainingArguments
 
     job = TrainJob.of(job)
+    return TrainingArguments(**with_hf_args(pipeline_arguments(job, precision, cuda, report_to), job.train.hf_args))
+
+
+def pipeline_arguments(job: TrainJob, precision: str, cuda: bool, report_to: list) -> Dict[str, Any]:
+    """The TrainingArguments the pipeline's own keys set (passthrough.HF_OWNED names them, but for the
+    defaults hf_args may replace)."""
+    from transformers import TrainingArguments
+
     t = job.train
-    return TrainingArguments(
+    beta1, beta2, eps = t.adam
+    recompute = t.recompute == "full"  # whole layers; selective is refused for this backend (config.py)
+    # transformers 5.25 renamed gradient checkpointing (the old name warns); earlier 5.x have only the old
+    checkpointing = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                         if name in field_names(TrainingArguments))
+    return dict(
         output_dir=str(job.out / CHECKPOINTS),
         run_name=job.name,
         per_device_train_batch_size=t.micro_batch_size,
@@ -248,7 +267,12 @@ def training_arguments(job: Union[TrainJob, Mapping], precision: str, cuda: bool
         lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
         warmup_steps=t.warmup_ratio,  # < 1 means a fraction of the run
         weight_decay=t.weight_decay,
+        adam_beta1=beta1,
+        adam_beta2=beta2,
+        adam_epsilon=eps,
         max_grad_norm=t.grad_clip,
+        # non-reentrant: needs no input that requires grad, and DDP sees each parameter once
+        **{checkpointing: recompute, f"{checkpointing}_kwargs": {"use_reentrant": False} if recompute else None},
         eval_strategy="steps",
         eval_steps=t.eval_every,
         save_strategy="steps",

@@ -16,9 +16,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from pipeline.config import ParallelConfig, TrainConfig
+from pipeline.config import ParallelConfig, TrainConfig, recompute_of
 
 
 def _defaults(schema: type) -> Dict[str, Any]:
@@ -35,6 +35,9 @@ def _defaults(schema: type) -> Dict[str, Any]:
 
 # the defaults are the config schema's: one place says what an unset setting means
 _TRAIN, _PARALLEL = _defaults(TrainConfig), _defaults(ParallelConfig)
+# train.adam_beta2 unset: what each backend used before the key existed (TrainingArguments' default; the
+# seeds' Megatron flags)
+ADAM_BETA2 = {"hf": 0.999, "megatron": 0.95}
 
 
 def _pick(cls: type, data: Mapping[str, Any]) -> Dict[str, Any]:
@@ -94,12 +97,26 @@ class TrainSettings:
     peak_tflops: Optional[float] = _TRAIN["peak_tflops"]
     sample_prompts: List[str] = field(default_factory=lambda: list(_TRAIN["sample_prompts"]))
     sample_tokens: int = _TRAIN["sample_tokens"]
+    recompute: str = _TRAIN["recompute"]  # resolved: train.recompute, else train.parallel.recompute
+    attention: str = _TRAIN["attention"]
+    adam_beta1: float = _TRAIN["adam_beta1"]
+    adam_beta2: Optional[float] = _TRAIN["adam_beta2"]
+    adam_eps: float = _TRAIN["adam_eps"]
+    hf_args: Dict[str, Any] = field(default_factory=dict)
+    megatron_args: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainSettings":
         values = _pick(cls, data)
         values["parallel"] = Parallel.from_dict(data.get("parallel") or {})
+        values["recompute"] = recompute_of(data)
         return cls(**values)
+
+    @property
+    def adam(self) -> Tuple[float, float, float]:
+        """(beta1, beta2, eps) of this backend's Adam."""
+        beta2 = ADAM_BETA2[self.backend] if self.adam_beta2 is None else self.adam_beta2
+        return self.adam_beta1, beta2, self.adam_eps
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

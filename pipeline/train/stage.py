@@ -45,6 +45,7 @@ from pipeline.runner import (
     launcher_log_dir,
     train_log,
 )
+from pipeline.train import passthrough
 from pipeline.train.job import TrainJob, TrainSettings
 
 log = logging.getLogger("pipeline")
@@ -112,6 +113,7 @@ def check(cfg) -> None:
     launch.validate(cfg.launcher)
     check_tracker(t)
     check_resume_from(t)
+    passthrough.check(t)  # train.hf_args / train.megatron_args names, train.attention on this machine
     if t.backend == "hf":
         deepspeed_config(t)  # offload needs ZeRO >= 1
         check_save_every(t)

@@ -10,23 +10,29 @@ import torch
 from pipeline.models import by_name
 from pipeline.models.hf_config import ffn_size, head_dim
 from pipeline.train.job import TrainJob
+from pipeline.train.passthrough import fields_of
 
 # What each family is in megatron-core terms (TransformerConfig fields + GPTModel arguments) is its table's
 # `megatron` (pipeline/models/<family>.py). gpt2 uses the tanh GELU ("gelu_new") so its logits match HF's.
 ACTIVATIONS = {"silu": torch.nn.functional.silu,
                "gelu_tanh": partial(torch.nn.functional.gelu, approximate="tanh")}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RECOMPUTE = {"none": {}, "selective": dict(recompute_granularity="selective"),
+             "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
+# train.attention -> megatron-core's AttnBackend: it picks Transformer Engine's kernel (with the local
+# spec, on CPU, attention is megatron-core's own unfused one whatever it says)
+ATTENTION = {"sdpa": "auto", "eager": "unfused", "flash": "flash"}
 
 
 def transformer_config(job: Union[TrainJob, Mapping], precision: str):
+    """The pipeline's TransformerConfig, then the train.megatron_args entries that are its fields."""
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnBackend
 
     job = TrainJob.of(job)
     model, par, fam = job.model, job.train.parallel, by_name(job.model["family"]).megatron
     dtype = DTYPES[precision]
-    recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
-                 "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
-    return TransformerConfig(
+    return TransformerConfig(**{**dict(
         num_layers=model["num_layers"],
         hidden_size=model["hidden_size"],
         num_attention_heads=model["num_attention_heads"],
@@ -62,8 +68,9 @@ def transformer_config(job: Union[TrainJob, Mapping], precision: str):
         # pipeline ranks exchange activations and gradients over one pair in mismatched order
         overlap_p2p_comm=par.vpp is not None,
         batch_p2p_comm=par.vpp is None,
-        **recompute[par.recompute],
-    )
+        attention_backend=AttnBackend[ATTENTION[job.train.attention]],
+        **RECOMPUTE[job.train.recompute],
+    ), **fields_of(TransformerConfig, job.train.megatron_args)})
 
 
 def uses_te() -> bool:
@@ -128,8 +135,9 @@ def build_model(job: Union[TrainJob, Mapping], config) -> List[torch.nn.Module]:
         scale_llama3(chunk, model)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=job.train.parallel.distributed_optimizer)
+        ddp_config = DistributedDataParallelConfig(**{
+            "grad_reduce_in_fp32": True, "use_distributed_optimizer": job.train.parallel.distributed_optimizer,
+            **fields_of(DistributedDataParallelConfig, job.train.megatron_args)})
         # chunks after the first own no bucket of the first's: megatron-LM disables bucketing there too
         chunks.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                               disable_bucketing=vp_stage > 0))

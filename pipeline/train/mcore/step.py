@@ -14,21 +14,25 @@ from pipeline.train import tracking
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore.data import MicroBatches
 from pipeline.train.mcore.model import uses_te
+from pipeline.train.passthrough import fields_of
 from pipeline.train.per_source import eval_metrics
 
 
 def build_optimizer(job: TrainJob, config, model: List[torch.nn.Module], precision: str):
     """megatron-core's (distributed) Adam and Megatron-LM's schedule: cosine from lr to lr x min_lr_ratio
-    after a linear warmup; steps here are optimizer steps."""
+    after a linear warmup; steps here are optimizer steps. train.megatron_args entries that are
+    OptimizerConfig fields go last."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = job.train
-    optimizer = get_megatron_optimizer(OptimizerConfig(
+    beta1, beta2, eps = t.adam
+    optimizer = get_megatron_optimizer(OptimizerConfig(**{**dict(
         optimizer="adam", lr=t.lr, min_lr=t.lr * t.min_lr_ratio, weight_decay=t.weight_decay,
-        adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=t.grad_clip, bf16=precision == "bf16",
+        adam_beta1=beta1, adam_beta2=beta2, adam_eps=eps, clip_grad=t.grad_clip, bf16=precision == "bf16",
         fp16=precision == "fp16", params_dtype=config.params_dtype,
-        use_distributed_optimizer=t.parallel.distributed_optimizer), model)
+        use_distributed_optimizer=t.parallel.distributed_optimizer), **fields_of(OptimizerConfig, t.megatron_args)}),
+        model)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.lr * t.min_lr_ratio, lr_warmup_steps=job.warmup_steps,
         lr_decay_steps=job.total_steps, lr_decay_style="cosine", start_wd=t.weight_decay, end_wd=t.weight_decay,
