@@ -67,8 +67,11 @@ def test_megatron_lm_rng_state_with_numpy_loads_and_a_payload_in_an_array_is_ref
     import numpy as np
 
     buf = io.BytesIO()
-    torch.save({"args": argparse.Namespace(**LLAMA), "rng_state": [{"np_rng_state": np.random.get_state()}]}, buf)
-    state = safeload.safe_torch_load(buf.getvalue(), "model_optim_rng.pt")["rng_state"][0]["np_rng_state"]
+    torch.save({"args": argparse.Namespace(**LLAMA), "rng_state": [{"np_rng_state": np.random.get_state()}],
+                "model": {"decoder.layers.0.mlp.linear_fc1._extra_state": io.BytesIO(b"te")}}, buf)  # older TE's
+    loaded = safeload.safe_torch_load(buf.getvalue(), "model_optim_rng.pt")
+    assert loaded["model"]["decoder.layers.0.mlp.linear_fc1._extra_state"].getvalue() == b"te"
+    state = loaded["rng_state"][0]["np_rng_state"]
     assert state[0] == "MT19937" and np.array_equal(state[1], np.random.get_state()[1])
     buf = io.BytesIO()
     torch.save({"rng_state": np.array([print], dtype=object)}, buf)
