@@ -85,8 +85,10 @@ NUMPY_GLOBALS: List[Any] = [
     *((np._core.multiarray._reconstruct, f"{m}.multiarray._reconstruct") for m in ("numpy._core", "numpy.core")),
     np.ndarray, np.dtype, *(type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGUS")]
 # On top of torch's weights_only set (tensors, containers, dtypes): Megatron-LM stores its args as an
-# argparse.Namespace, holding some of megatron-core's enums (their stand-ins, above, by name)
-TORCH_GLOBALS: List[Any] = [argparse.Namespace, *((cls, name) for name, cls in STAND_INS.items()), *NUMPY_GLOBALS]
+# argparse.Namespace, holding some of megatron-core's enums (their stand-ins, above, by name); older
+# Transformer Engine layers save their `_extra_state` as an io.BytesIO (a byte buffer, never unpickled here)
+TORCH_GLOBALS: List[Any] = [argparse.Namespace, *((cls, name) for name, cls in STAND_INS.items()), *NUMPY_GLOBALS,
+                            io.BytesIO]
 
 
 def refused(file: Union[Path, str], names: List[str]) -> str:

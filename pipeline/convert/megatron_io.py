@@ -21,7 +21,9 @@ Megatron-LM's own checkpoints are read too: their `args` (Megatron-LM's argparse
 through pipeline/formats/megatron_args.py, and names are matched loosely where Megatron-LM varies: a
 `module.` prefix, the norms under Transformer Engine's names (`linear_qkv.layer_norm_weight`) or
 megatron-core's local ones (`input_layernorm.weight`, `pre_mlp_layernorm.weight`), torch_dist layers
-stacked under one key or one key per layer, a gated fc1 as one tensor or as `_w`/`_v` halves.
+stacked under one key or one key per layer, a gated fc1 as one tensor or as `_w`/`_v` halves (megatron-core
+writes those two with the `singleton_local_shards` or `non_homogeneous_layers` metadata Megatron-LM passes).
+tests/e2e/test_megatron_lm_checkpoints.py reads each variant from files megatron-core itself wrote.
 Everything else a checkpoint holds (optimizer and RNG state, `_extra_state`) is never read. What we
 write stores Megatron-LM's args (the Namespace, our dict riding along in it), checkpoint_version 3.0
 and iteration 1; legacy files name the norms as `transformer_impl` (transformer_engine or local) does.

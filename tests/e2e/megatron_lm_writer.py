@@ -14,6 +14,7 @@ output loaded strictly and its logits.
 """
 import argparse
 import dataclasses
+import io
 import json
 import random
 import sys
@@ -147,12 +148,13 @@ def rng_state():
 
 def te_named(state):
     """A local-spec state dict as Transformer Engine's spec names it: norms fused into the next linear
-    layer, and TE's serialized (here empty) extra state, also for its core attention."""
+    layer, and TE's serialized extra state, also for its core attention: an io.BytesIO from
+    older TE for the linear layers, a uint8 tensor from newer TE for the attention."""
     out = {}
     for k, t in state.items():
         k = k.replace("input_layernorm.", "self_attention.linear_qkv.layer_norm_").replace(
             "pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")
-        out[k] = torch.empty(0, dtype=torch.uint8) if k.endswith("_extra_state") else t
+        out[k] = io.BytesIO(b"\x80\x02}q\x00.") if k.endswith("_extra_state") else t  # TE torch.save()s a dict
         if k.endswith("self_attention.linear_proj._extra_state"):
             out[k.replace("linear_proj", "core_attention")] = torch.empty(0, dtype=torch.uint8)
     return out
