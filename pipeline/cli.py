@@ -1,4 +1,4 @@
-"""`pipeline run | status | clean | experiments | convert | verify | verify-data | preprocess`.
+"""`pipeline run | status | clean | experiments | convert | verify | eval | generate | verify-data | preprocess`.
 Overrides are Hydra's: `pipeline run data.mix.weights.code=0.2`; `pipeline run -m train.lr=1e-3,3e-4` sweeps."""
 from __future__ import annotations
 
@@ -454,6 +454,92 @@ def cmd_verify(args) -> int:
     return 0
 
 
+EVAL_ARGS = {
+    "ckpt": Arg(Path, REQUIRED, "the model: an HF dir (config.json), or a Megatron checkpoints dir (converted to HF "
+                                "in a temp dir first)"),
+    "data": Arg(Path, REQUIRED, "a .bin/.idx prefix (<run>/mix/valid: also split by source) or a source file "
+                                "(jsonl, json, parquet, txt), tokenized with the checkpoint's tokenizer"),
+    "seq_len": Arg(int, REQUIRED, "block length, as train.seq_len (the tail shorter than a block is dropped)"),
+    "max_tokens": Arg(int, None, "evaluate the first this many tokens' blocks only; none = all"),
+    "batch_size": Arg(int, "8", "blocks per forward"),
+    "document_mask": Arg(true_or_false, "true", "as train.document_mask: no attention across documents in a block"),
+    "eod_mask_loss": Arg(true_or_false, "false", "as train.eod_mask_loss: no loss where the input is EOD"),
+    "device": Arg(str, None, "cpu | cuda; none = cuda when there is one"),
+    "report": Arg(Path, "eval.json", "where the report JSON goes"),
+}
+GENERATE_ARGS = {
+    "ckpt": Arg(Path, REQUIRED, "the model: an HF dir, or a Megatron checkpoints dir (converted to HF first)"),
+    "prompt": Arg(str, REQUIRED, "the text to continue"),
+    "max_new_tokens": Arg(int, "32", "tokens generated per sample"),
+    "samples": Arg(int, "1", "continuations of the prompt (more than 1 needs temperature > 0)"),
+    "temperature": Arg(float, "0", "0: greedy; > 0: sampled at this temperature"),
+    "seed": Arg(int, "0", "the sampling seed"),
+    "device": Arg(str, None, "cpu | cuda; none = cuda when there is one"),
+}
+
+
+def model_args(kv: dict, command: str, table: dict) -> dict:
+    """The required keys of a model command given, ckpt a directory, and the device."""
+    for key, entry in table.items():
+        if entry.default == REQUIRED and key not in kv:
+            required = " ".join(f"{k}=..." for k, e in table.items() if e.default == REQUIRED)
+            raise ConfigError(f"{key}: required (pipeline {command} {required})")
+    if not kv["ckpt"].is_dir():
+        raise ConfigError(f"ckpt: {kv['ckpt']} is not a directory")
+    if kv.get("device") is None:
+        import torch
+
+        kv["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return kv
+
+
+def hf_model_dir(ckpt: Path, scratch: Path) -> Path:
+    """ckpt itself if it is an HF dir, else its Megatron checkpoint converted to HF under scratch."""
+    if (ckpt / "config.json").is_file():
+        return ckpt
+    from pipeline.convert.convert import megatron_to_hf
+
+    megatron_to_hf(ckpt, scratch / "hf")
+    return scratch / "hf"
+
+
+def cmd_eval(args) -> int:
+    """Loss and perplexity of a checkpoint on a .bin/.idx or a source file; prints them, writes the report."""
+    import tempfile
+
+    from pipeline.files import write_json_atomic
+    from pipeline.train.evaluate import evaluate
+
+    kv = model_args(key_values(args.pairs, EVAL_ARGS), "eval", EVAL_ARGS)
+    with tempfile.TemporaryDirectory(prefix="pipeline-eval-") as scratch:
+        report = evaluate(hf_model_dir(kv["ckpt"], Path(scratch)), kv["data"], kv["seq_len"], kv.get("max_tokens"),
+                          kv["batch_size"], kv["document_mask"], kv["eod_mask_loss"], kv["device"])
+    report["checkpoint"] = str(kv["ckpt"])
+    write_json_atomic(kv["report"], report)
+    print(f"loss {report['loss']:.6f}  perplexity {report['perplexity']:.4f}  "
+          f"({report['tokens']:,} tokens in {report['blocks']} blocks of {report['seq_len']})")
+    for name, got in report["sources"].items():
+        print(f"  {name}: loss {got['loss']:.6f} ({got['tokens']:,} tokens)" if got["loss"] is not None
+              else f"  {name}: no tokens")
+    log.info("report: %s", kv["report"])
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Continuations of a prompt by a checkpoint, printed one per sample."""
+    import tempfile
+
+    from pipeline.train.evaluate import sample
+
+    kv = model_args(key_values(args.pairs, GENERATE_ARGS), "generate", GENERATE_ARGS)
+    with tempfile.TemporaryDirectory(prefix="pipeline-generate-") as scratch:
+        rows = sample(hf_model_dir(kv["ckpt"], Path(scratch)), kv["prompt"], kv["max_new_tokens"], kv["samples"],
+                      kv["temperature"], kv["seed"], kv["device"])
+    for row in rows:
+        print(f"--- sample {row['sample']}\n{row['prompt']}{row['text']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -522,6 +608,18 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=args_help(VERIFY_ARGS), formatter_class=argparse.RawDescriptionHelpFormatter)
     ver.add_argument("pairs", nargs="*", metavar="key=value")
     ver.set_defaults(func=cmd_verify)
+
+    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint (HF or Megatron) on a .bin/.idx or a source "
+                                     "file: ckpt=<dir> data=<prefix|file> seq_len=N [key=value ...]",
+                        epilog=args_help(EVAL_ARGS), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("pairs", nargs="*", metavar="key=value")
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="continuations of a prompt by a checkpoint: ckpt=<dir> prompt=... "
+                                          "[max_new_tokens=N samples=K temperature=T]",
+                         epilog=args_help(GENERATE_ARGS), formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("pairs", nargs="*", metavar="key=value")
+    gen.set_defaults(func=cmd_generate)
 
     vdata = sub.add_parser("verify-data", help="check a .bin/.idx pair: structure, and token ids below --vocab-size")
     vdata.add_argument("prefix", metavar="PREFIX", help="the pair's path without .bin/.idx (or with either)")
