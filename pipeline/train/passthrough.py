@@ -106,10 +106,16 @@ def check_names(key: str, names: Iterable[str], schemas: Mapping[str, type], own
 
 
 def check_attention(train) -> None:
-    """flash only where its kernels can run; eager on megatron under Transformer Engine only without
-    document masking (TE's unfused attention takes no packed THD rows, which document masking hands TE)."""
+    """flash only where its kernels can run, and on hf with document masking only in one-row batches
+    (transformers' flash_attention_2 finds packed documents from the position ids of a batch of one only,
+    and otherwise attends across them); eager on megatron under Transformer Engine only without document
+    masking (TE's unfused attention takes no packed THD rows, which document masking hands TE)."""
     attention, backend = value_of(train.attention), train.backend
     te = importlib.util.find_spec("transformer_engine") is not None
+    if attention == "flash" and backend == "hf" and train.document_mask and train.micro_batch_size > 1:
+        raise ConfigError(f"train.attention: flash_attention_2 keeps documents apart (train.document_mask) only "
+                          f"in a micro batch of one sequence, not {train.micro_batch_size}; set "
+                          f"train.micro_batch_size=1, train.document_mask=false, or use sdpa")
     if attention == "flash":
         import torch
 

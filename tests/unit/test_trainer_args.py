@@ -114,10 +114,13 @@ def test_attention_flash_is_refused_where_it_cannot_run(corpus, tmp_path):
 
     import torch
 
+    with pytest.raises(ConfigError, match="flash_attention_2 keeps documents apart .* only in a micro batch of one "
+                                          "sequence, not 4"):
+        checked(corpus, tmp_path, "train.attention=flash")  # tiny_cpu: 4 sequences a micro batch
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
         pytest.skip("flash attention can run here")
     with pytest.raises(ConfigError, match="train.attention: flash needs a GPU and flash_attn"):
-        checked(corpus, tmp_path, "train.attention=flash")
+        checked(corpus, tmp_path, "train.attention=flash", "train.micro_batch_size=1")
     checked(corpus, tmp_path, "train.attention=eager")
 
 
