@@ -19,7 +19,7 @@ from pipeline import safeload
 from pipeline.data.tokenizer import copy_tokenizer
 from pipeline.formats.checkpoints import COMPLETE
 from pipeline.models.hf_config import model_config
-from pipeline.runner import CHECKPOINTS, HF_MODEL, SAMPLES, STEP_LOG, SUMMARY
+from pipeline.runner import CHECKPOINTS, HF_MODEL, SAMPLES, SUMMARY
 from pipeline.train import tracking
 from pipeline.train.blocks import BlockDataset
 from pipeline.train.checkpoints import check_identity, remove_half_written, resolve_precision
@@ -28,8 +28,6 @@ from pipeline.train.passthrough import field_names, with_hf_args
 from pipeline.train.per_source import eval_metrics, sources_summary
 from pipeline.train.throughput import Meter
 
-# train.tracker -> the Trainer's report_to; swanlab is logged by swanlab_callback() instead
-REPORT_TO = {"none": [], "swanlab": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"]}
 # train.attention -> transformers' attn_implementation
 ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
@@ -42,6 +40,13 @@ def last_complete_checkpoint(ckpt_dir: Path, identity: Dict[str, str]) -> Option
         return None
     check_identity(json.loads((done[-1] / COMPLETE).read_text()), identity, done[-1])
     return done[-1]
+
+
+def last_checkpoint(ckpt_dir: Path) -> Optional[str]:
+    """The newest complete checkpoint, relative to the work dir (train_summary.json)."""
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / COMPLETE).is_file()]
+    newest = max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return f"{CHECKPOINTS}/{newest.name}" if newest else None
 
 
 def check_resumable(ckpt: Path) -> None:
@@ -294,12 +299,13 @@ def pipeline_arguments(job: TrainJob, precision: str, cuda: bool, report_to: lis
         # every parameter gets a gradient in these models; the default (True) walks the autograd
         # graph again each step: +15% step time on the tiny model (bench/train_hf.py)
         ddp_find_unused_parameters=False,
-        disable_tqdm=not tracking.show_progress(),
+        disable_tqdm=True,  # the progress bar and the printed logs are tracking.RunLog's
     )
 
 
 def pipeline_callback(job: TrainJob):
-    """Tokens seen and tokens/s in every log; completion markers on checkpoints; the step log file.
+    """Completion markers on checkpoints, and each log (a train step or an evaluation) to rank 0's
+    tracking.RunLog (`runlog`: the step log file, the tracker, the progress bar or the JSON lines).
     Its `resume` is the checkpoint the run resumes from, set once chosen."""
     import torch.distributed as dist
     from transformers import TrainerCallback
@@ -312,19 +318,21 @@ def pipeline_callback(job: TrainJob):
             self.resume: Optional[Path] = None
             self.meter = Meter(job.model, job.vocab_size, job.train.seq_len, int(os.environ.get("WORLD_SIZE", 1)),
                                job.train.peak_tflops)
+            self.runlog = tracking.RunLog(job, active=int(os.environ.get("RANK", "0")) == 0)
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs is None:
+            if not logs:
                 return
-            now = time.time()
-            logs["tokens_seen"] = state.global_step * tokens_per_step
-            if state.global_step > self.last_step:
-                logs.update(self.meter.measure((state.global_step - self.last_step) * tokens_per_step,
-                                               now - self.last_time))
-                self.last_time, self.last_step = now, state.global_step
-            if state.is_world_process_zero:
-                with open(job.out / STEP_LOG, "a") as f:
-                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+            if "loss" in logs:  # a train step; the run's closing log (train_runtime, ...) goes to the summary
+                now, throughput = time.time(), {}
+                if state.global_step > self.last_step:
+                    throughput = self.meter.measure((state.global_step - self.last_step) * tokens_per_step,
+                                                    now - self.last_time)
+                    self.last_time, self.last_step = now, state.global_step
+                self.runlog.train(state.global_step, logs["loss"], logs.get("learning_rate"), logs.get("grad_norm"),
+                                  throughput)
+            elif "eval_loss" in logs:
+                self.runlog.eval(state.global_step, logs)
 
         def on_train_begin(self, args, state, control, **kw):
             # The Trainer has loaded the checkpoint's state by now, and with it the old run's logging
@@ -332,6 +340,10 @@ def pipeline_callback(job: TrainJob):
             state.compute_steps(args, state.max_steps)
             if self.resume and state.is_world_process_zero:
                 print(f"resuming from {self.resume.name}, step {state.global_step} of {state.max_steps}", flush=True)
+            self.runlog.start(state.max_steps, state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.runlog.advance(state.global_step)
 
         def on_save(self, args, state, control, **kw):
             if dist.is_initialized():
@@ -345,28 +357,6 @@ def pipeline_callback(job: TrainJob):
                 os.replace(tmp, ckpt / COMPLETE)
 
     return PipelineCallback()
-
-
-def swanlab_callback(job: TrainJob):
-    """Rank 0 logs to swanlab (pipeline/train/tracking.py). Not transformers' own SwanLabCallback: in
-    transformers 5 it calls swanlab.get_run(), which swanlab 0.10 turned from "None if no run" into an
-    exception."""
-    from transformers import TrainerCallback
-
-    class SwanlabCallback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            if state.is_world_process_zero:
-                self.run = tracking.swanlab_run(job)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs:
-                self.run.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=state.global_step)
-
-        def finish(self):  # after the final evaluation, which logs past on_train_end
-            if getattr(self, "run", None) is not None:
-                self.run.finish()
-
-    return SwanlabCallback()
 
 
 def choose_resume(job: TrainJob, ckpt_dir: Path) -> Optional[Path]:
@@ -383,7 +373,9 @@ def train(job: TrainJob) -> None:
     """This rank's part of the run: train, evaluate, save the best model and (rank 0) the summary."""
     import torch
     import torch.distributed as dist
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    tracking.quiet_noise()
     t, out = job.train, job.out
     ckpt_dir = out / CHECKPOINTS
     rank = int(os.environ.get("RANK", "0"))
@@ -395,13 +387,15 @@ def train(job: TrainJob) -> None:
     valid_ds = SourcedBlocks(job.valid_prefix, job, job.valid_source_ids)
     tokens_per_step = job.global_batch_tokens
     progress = pipeline_callback(job)
-    swan = swanlab_callback(job) if t.tracker == "swanlab" else None
-    callbacks = [progress] + ([swan] if swan else [])
+    callbacks = [progress]
     if t.sample_prompts:
-        callbacks.append(samples_callback(job, swan))
-    args = training_arguments(job, precision, cuda, report_to=REPORT_TO[t.tracker])
+        callbacks.append(samples_callback(job, progress.runlog))
+    # every tracker is logged by progress.runlog (pipeline/train/tracking.py), not by the Trainer's own callbacks
+    args = training_arguments(job, precision, cuda, report_to=[])
     trainer = sourced_trainer(job.valid_sources)(model=model, args=args, data_collator=collate, train_dataset=train_ds,
                                                  eval_dataset=valid_ds, callbacks=callbacks)
+    for printer in (PrinterCallback, ProgressCallback):  # they print each log as a dict: RunLog shows it
+        trainer.remove_callback(printer)
     resume = progress.resume = choose_resume(job, ckpt_dir)
     if resume:
         check_resumable(resume)  # on every rank, before any of them unpickles it
@@ -411,21 +405,20 @@ def train(job: TrainJob) -> None:
     resume_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else None
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = trainer.evaluate()
-    if swan:
-        swan.finish()
     trainer.save_model(str(out / HF_MODEL))  # the best checkpoint's weights (load_best_model_at_end)
     if rank == 0:
         copy_tokenizer(job.tokenizer_dir, out / HF_MODEL, model_max_length=t.seq_len)  # portable, 4.x and 5.x
         model.generation_config.save_pretrained(str(out / HF_MODEL))
-        summary = {"train_loss": result.training_loss, "eval_loss": metrics["eval_loss"],
-                   "eval_sources": sources_summary(metrics),
-                   "steps": trainer.state.global_step, "tokens_seen": trainer.state.global_step * tokens_per_step,
-                   "resumed_from": resume.name if resume else None,
-                   "resumed_step": resume_step,
-                   "best_checkpoint": Path(trainer.state.best_model_checkpoint or "").name or None,
-                   "precision": precision, "world_size": int(os.environ.get("WORLD_SIZE", 1)),
-                   **progress.meter.summary()}
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        best = Path(trainer.state.best_model_checkpoint or "").name or None
+        summary = progress.runlog.summary(
+            train_loss=result.training_loss, eval_loss=metrics["eval_loss"], eval_sources=sources_summary(metrics),
+            steps=trainer.state.global_step, tokens_seen=trainer.state.global_step * tokens_per_step,
+            precision=precision, world_size=world, layout={"dp": world}, resumed_from=resume.name if resume else None,
+            resumed_step=resume_step, checkpoint=last_checkpoint(ckpt_dir), best_checkpoint=best, model=HF_MODEL,
+            **{"mfu": None, **progress.meter.summary()})
         (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    progress.runlog.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()  # without it gloo's threads abort the process at exit

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from pipeline.formats.checkpoints import iteration_dir
 from pipeline.lifetime import rank_dies_with_launch
 from pipeline.runner import CHECKPOINTS, SUMMARY
+from pipeline.train import tracking
 from pipeline.train.checkpoints import resolve_precision
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore import checkpoint, cpu, data, step
@@ -31,6 +32,7 @@ from pipeline.train.throughput import Meter
 
 def main(job_path: str) -> None:
     rank_dies_with_launch()  # ends with its launcher and with the driver (pipeline/lifetime.py)
+    tracking.quiet_noise()  # before megatron-core is imported
     job = TrainJob.load(job_path)
     t, par, out = job.train, job.train.parallel, job.out
     cuda = torch.cuda.is_available()
@@ -66,10 +68,11 @@ def main(job_path: str) -> None:
     train_batches = data.MicroBatches(train_ds, global_batch, t.micro_batch_size, dp_rank, dp)
     valid_batches = data.MicroBatches(valid_ds, global_batch, t.micro_batch_size, dp_rank, dp)
     tokens_per_step = global_batch * t.seq_len
-    steplog = step.StepLog(job, total_steps, iteration)
+    runlog = tracking.RunLog(job, active=dist.get_rank() == 0)
+    runlog.start(total_steps, iteration)
     meter = Meter(job.model, job.padded_vocab_size, t.seq_len, dist.get_world_size(), t.peak_tflops)
 
-    first_loss, eval_loss, metrics = None, None, {}
+    eval_loss, metrics, loss_sum, trained = None, {}, 0.0, 0
     for c in model:
         c.train()
     while iteration < total_steps:
@@ -77,31 +80,34 @@ def main(job_path: str) -> None:
         total, grad_norm = step.train_step(model, optimizer, scheduler, train_batches, iteration, num_micro, job)
         iteration += 1
         loss = float(total[0] / total[1])
-        first_loss = loss if first_loss is None else first_loss
-        row = {"loss": loss, "learning_rate": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
-               "tokens_seen": iteration * tokens_per_step, **meter.measure(tokens_per_step, time.time() - started)}
+        loss_sum, trained = loss_sum + loss, trained + 1
+        throughput = meter.measure(tokens_per_step, time.time() - started)
+        if iteration % t.logging_steps == 0 or iteration == total_steps:
+            runlog.train(iteration, loss, optimizer.param_groups[0]["lr"], grad_norm, throughput)
+        else:
+            runlog.advance(iteration)
         if (iteration % job.eval_every_steps == 0 or iteration == total_steps) and valid_steps:
             metrics = step.evaluate(model, valid_batches, valid_steps, num_micro, job)
             eval_loss = metrics["eval_loss"]
-            row.update(metrics)
-        if iteration % t.logging_steps == 0 or "eval_loss" in row:
-            steplog.log(iteration, row)
+            runlog.eval(iteration, metrics)
         if iteration % job.save_every_steps == 0 or iteration == total_steps:
             progress = {"iteration": iteration, "layout": layout, "args": job.checkpoint_args, **job.identity}
             checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress, t.keep_checkpoints)
     if eval_loss is None:  # a resumed run that was already done, or no valid batch (then {})
         metrics = step.evaluate(model, valid_batches, valid_steps, num_micro, job)
         eval_loss = metrics.get("eval_loss")
-    steplog.close()
     if dist.get_rank() == 0:
-        # first_loss: of the first step this process trained (after a resume, the step after the checkpoint)
-        summary = {"first_loss": first_loss, "eval_loss": eval_loss, "eval_sources": sources_summary(metrics),
-                   "steps": iteration,
-                   "tokens_seen": iteration * tokens_per_step, "resumed_from": resumed_from,
-                   "resumed_step": resumed_step, "precision": precision,
-                   **meter.summary(), "layout": layout,
-                   "checkpoint": f"checkpoints/{iteration_dir(ckpt_root, iteration).name}"}
+        # first_loss: of the first step this process trained (after a resume, the step after the checkpoint);
+        # no HF model here: the export stage converts the checkpoint
+        summary = runlog.summary(
+            train_loss=loss_sum / trained if trained else None, eval_loss=eval_loss,
+            eval_sources=sources_summary(metrics),
+            steps=iteration, tokens_seen=iteration * tokens_per_step, precision=precision,
+            world_size=dist.get_world_size(), layout=layout, resumed_from=resumed_from, resumed_step=resumed_step,
+            checkpoint=f"{CHECKPOINTS}/{iteration_dir(ckpt_root, iteration).name}", best_checkpoint=None, model=None,
+            **{"mfu": None, **meter.summary()})
         (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    runlog.close()
     dist.barrier()
     dist.destroy_process_group()  # without it gloo's threads abort the process at exit
 

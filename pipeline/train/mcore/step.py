@@ -1,16 +1,13 @@
 """The megatron backend's steps: optimizer and LR schedule, one micro batch's forward and loss, a global
-batch through megatron-core's pipeline schedule (train or eval), and rank 0's step log."""
+batch through megatron-core's pipeline schedule (train or eval). What is logged: pipeline/train/tracking.py."""
 from __future__ import annotations
 
-import json
 from functools import partial
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
-from pipeline.runner import STEP_LOG
-from pipeline.train import tracking
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore.data import MicroBatches
 from pipeline.train.mcore.model import uses_te
@@ -137,50 +134,3 @@ def evaluate(model, batches: MicroBatches, steps: int, num_micro: int, job: Trai
     for c in model:
         c.train()
     return eval_metrics(total.view(-1, 2), names)
-
-
-class StepLog:
-    """Rank 0: the step log file, the tracker (swanlab local by default) and a progress bar."""
-
-    def __init__(self, job: TrainJob, total_steps: int, start: int):
-        self.out = job.out
-        self.active = dist.get_rank() == 0
-        self.tracker = None
-        self.bar = None
-        if not self.active:
-            return
-        name = job.train.tracker
-        if name == "swanlab":
-            self.tracker = tracking.swanlab_run(job)
-        elif name == "wandb":
-            self.tracker = tracking.wandb_run(job)
-        elif name == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tracker = SummaryWriter(str(self.out / "tensorboard"))
-        if tracking.show_progress():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-    def log(self, step: int, row: Dict[str, float]) -> None:
-        if not self.active:
-            return
-        with open(self.out / STEP_LOG, "a") as f:
-            f.write(json.dumps({"step": step, **row}) + "\n")
-        if self.tracker is not None and hasattr(self.tracker, "add_scalar"):
-            for k, v in row.items():
-                self.tracker.add_scalar(k, v, step)
-        elif self.tracker is not None:
-            self.tracker.log(row, step=step)
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss")})
-        else:
-            print(json.dumps({"step": step, **{k: round(v, 6) for k, v in row.items()}}), flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tracker is not None:
-            (getattr(self.tracker, "finish", None) or self.tracker.close)()
