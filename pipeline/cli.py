@@ -172,9 +172,33 @@ def run_one(args, runner: Runner) -> int:
     if launch.is_joining_node(runner.cfg.launcher):
         return join_training(runner, runner.cfg.launcher)
     with storage_errors(runner.run_dir):  # what no stage wrote: the lock, config.yaml, environment.json
-        runner.run(only, force, restart, args.break_lock)
-    log.info("run dir: %s", runner.run_dir)
+        try:
+            runner.run(only, force, restart, args.break_lock)
+        except KeyboardInterrupt as e:  # the train stage has stopped its ranks (pipeline/train/stage.py)
+            print(("\n" if sys.stderr.isatty() else "") + interrupted_line(getattr(e, "checkpoint", None)),
+                  file=sys.stderr, flush=True)
+            return 130
+    print("\n".join(end_of_run(runner.run_dir)), flush=True)
     return 0
+
+
+def interrupted_line(checkpoint: Optional[Path]) -> str:
+    import shlex
+
+    return (f"interrupted; last complete checkpoint: {checkpoint or 'none'}; resume with: pipeline "
+            f"{shlex.join(sys.argv[1:])}")
+
+
+def end_of_run(run_dir: Path) -> List[str]:
+    """The summary (pipeline/report.py), which also writes report.md; a report that cannot be written
+    leaves the finished run as it is."""
+    from pipeline import report
+
+    try:
+        return report.write(run_dir)
+    except Exception as e:  # the stages are published: a missing plotting library must not fail them
+        log.warning("report: %s not written (%s: %s)", run_dir / report.REPORT, type(e).__name__, e)
+        return [f"run dir: {run_dir}"]
 
 
 def run_dir_line(runner: Runner) -> str:
@@ -202,7 +226,33 @@ def cmd_status(args) -> int:
         where = f"  {Path(r['dir']).name}/" if r["status"] == "aside" else f"  {r['holder']}" if r["holder"] else ""
         print(f"{r['stage']:<10} {r['status']:<8} {r['fingerprint'][:12]:<13} {size:>10} "
               f"{r['seconds'] if r['seconds'] is not None else '-':>8}  {finished}{where}")
+        if r["status"] in ("stale", "partial"):
+            for reason in r["reasons"]:
+                print(f"{'':<10} {r['status']}: {reason}")
+        shown = metric_text(r["stage"], r.get("metrics") or {})
+        if shown:
+            print(f"{'':<10} {shown}")
     return 0
+
+
+# the metrics `pipeline status` shows per stage (dotted: inside a nested metric), from its manifest
+STATUS_METRICS = {
+    "tokenizer": ("vocab_len",),
+    "tokenize": ("tokens", "tokens_per_second"),
+    "mix": ("train.tokens", "valid.tokens"),
+    "train": ("steps", "tokens_seen", "final_loss", "eval_loss", "tokens_per_second", "mfu"),
+}
+
+
+def metric_text(stage: str, metrics: dict) -> str:
+    parts = []
+    for key in STATUS_METRICS.get(stage, ()):
+        value: Any = metrics
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{key} {value:,}" if isinstance(value, int) else f"{key} {value:.4g}")
+    return "  ".join(parts)
 
 
 def cmd_clean(args) -> int:

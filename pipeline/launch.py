@@ -152,6 +152,8 @@ DRAIN_SECONDS = 5.0  # once the launcher has exited, how long its output may sti
 STOP_SECONDS = 10.0  # SIGTERM -> SIGKILL for what the launch left running (or all of it, if we stop early)
 TAIL_BYTES = 1 << 20  # output kept in memory for the failure report once the log cannot be written
 _UNLOGGED: Dict[Path, bytearray] = {}  # log path -> the output tail that could not be written to it
+# set on Ctrl-C: the ranks' tracebacks as they are stopped go to the log only, not to the terminal
+_MUTED = threading.Event()
 
 
 def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
@@ -165,6 +167,7 @@ def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
     """
     env = {**env, lifetime.DRIVER_ENV: lifetime.driver_env()}
     _UNLOGGED.pop(log_path, None)
+    _MUTED.clear()
     # started from the thread that waits for it below: its death signal must not fire while it runs
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             preexec_fn=lifetime.launcher_preexec())
@@ -181,7 +184,9 @@ def run_logged(cmd: List[str], log_path: Path, env: Dict[str, str]) -> int:
                 proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
-    except BaseException:  # Ctrl-C, or an error here: the launch must not outlive its wait
+    except BaseException as e:  # Ctrl-C, or an error here: the launch must not outlive its wait
+        if isinstance(e, KeyboardInterrupt):
+            _MUTED.set()
         _stop([launcher, *launched.values()], "stopping the launch")
         proc.wait()
         raise
@@ -238,6 +243,8 @@ def _pump(pipe, log_path: Path) -> None:
             if logf is None:
                 tail += rest
                 del tail[:-TAIL_BYTES]
+            if _MUTED.is_set():
+                continue
             try:
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.flush()

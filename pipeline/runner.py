@@ -485,13 +485,14 @@ class Runner:
                 "seconds": man.get("seconds"),
                 "finished": man.get("finished"),
                 "holder": f"{holder['pid']}@{holder['host']}" if state == "running" else None,
+                "metrics": man.get("metrics", {}),
             })
         for aside in self.leftovers():
             rows.append({"stage": aside.name.split(ASIDE)[0], "status": "aside", "fingerprint": "",
                          "manifest_fingerprint": None,
                          "reasons": ["moved aside by --restart; `pipeline clean` removes it"],
                          "dir": str(aside), "outputs": {}, "bytes": dir_bytes(aside), "seconds": None,
-                         "finished": aside.stat().st_mtime, "holder": None})
+                         "finished": aside.stat().st_mtime, "holder": None, "metrics": {}})
         return rows
 
 

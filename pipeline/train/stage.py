@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -45,7 +45,7 @@ from pipeline.runner import (
     launcher_log_dir,
     train_log,
 )
-from pipeline.train import passthrough
+from pipeline.train import passthrough, tracking
 from pipeline.train.job import TrainJob, TrainSettings
 
 log = logging.getLogger("pipeline")
@@ -119,6 +119,14 @@ def check(cfg) -> None:
         check_save_every(t)
     else:
         check_sequence_parallel(t)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: `checkpoint` is the newest complete one, which a rerun resumes from."""
+
+    def __init__(self, checkpoint: Optional[Path]):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint
 
 
 def held_checkpoints(work_dir: Path) -> List[str]:
@@ -280,13 +288,17 @@ def run(ctx: StageContext) -> Dict[str, Any]:
         log.info("train: resuming from %s, the newest of %d complete checkpoint(s) in %s", held[-1], len(held),
                  ctx.work_dir.name)
     # The ranks write into a pipe; tell them whether it ends on a terminal, so they draw a progress bar.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": "1" if sys.stderr.isatty() else ""}
+    tty = "1" if sys.stderr.isatty() else ""
+    env = tracking.rank_env({**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": tty})
     port = launch.free_port()
     cmd = launch.command(cfg.launcher, ENTRIES[cfg.train.backend], job_path, port, launcher_log_dir(ctx.work_dir, 0))
     log.info("launch: %s", " ".join(cmd))
     clear_shm_segments(port)
     try:
         rc = launch.run_logged(cmd, train_log(ctx.work_dir), env)
+    except KeyboardInterrupt:  # the ranks are stopped by now, their output silenced (run_logged)
+        held = held_checkpoints(ctx.work_dir)
+        raise Interrupted(ctx.work_dir / held[-1] if held else None) from None
     finally:
         clear_shm_segments(port)
     if rc != 0:
@@ -321,7 +333,7 @@ def join_training(runner, launcher, poll_seconds: float = 1.0) -> int:
                               f"(no {job_path} for this config); is it running with the same config and run_dir?")
         time.sleep(poll_seconds)
     backend = TrainJob.load(job_path).train.backend
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": ""}
+    env = tracking.rank_env({**os.environ, "PYTHONUNBUFFERED": "1", "PIPELINE_TTY": ""})
     cmd = launch.command(launcher, ENTRIES[backend], job_path, 0, launcher_log_dir(partial, rank), env)
     rc = launch.run_logged(cmd, train_log(partial, rank), env)
     if rc != 0:

@@ -19,7 +19,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("pipeline.data",),
     ("pipeline.train",),
     ("pipeline.convert",),
-    ("pipeline.stages", "pipeline.plan", "pipeline.cli"),
+    ("pipeline.stages", "pipeline.plan", "pipeline.report", "pipeline.cli"),
 ]
 
 
