@@ -56,7 +56,8 @@ def pipeline_step_times(run_dir: Path, steps: int, overrides: list) -> list:
     run_checked(pipeline_args(run_dir, steps, overrides) + ["--only", "train"], "pipeline run --only train")
     job = json.loads((run_dir / "train" / "job.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "train" / "train_log.jsonl").read_text().splitlines()]
-    return [job["global_batch_tokens"] / r["tokens_per_second"] for r in rows][WARMUP:]
+    steps = [r for r in rows if "tokens_per_second" in r]  # evaluation rows carry no step time
+    return [job["global_batch_tokens"] / r["tokens_per_second"] for r in steps][WARMUP:]
 
 
 def bare_step_times(job_path: Path) -> list:
