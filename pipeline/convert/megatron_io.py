@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from pipeline.errors import ConversionError
 from pipeline.formats import megatron_args
-from pipeline.formats.checkpoints import TRACKER, iteration_dir
+from pipeline.formats.checkpoints import TRACKER, iteration_dir, tracked_dir
 from pipeline.models.mapping import GatedMLP, Mapping
 from pipeline.safeload import COMMON_FILE, load_dcp_metadata, safe_torch_load
 
@@ -125,15 +125,10 @@ def stage_of(name: str, layers_per_stage: int, pp: int) -> Tuple[int, str]:
 
 
 def checkpoint_path(src: Path) -> Path:
-    tracker = src / TRACKER
-    if not tracker.is_file():
+    path = tracked_dir(src)
+    if path is None:
         raise ConversionError(f"{src}: no {TRACKER}; expected a Megatron checkpoint dir (iter_XXXXXXX/ + tracker)")
-    text = tracker.read_text().strip()
-    if text == "release":  # Megatron-LM's released checkpoints
-        return src / "release"
-    if not text.isdigit():
-        raise ConversionError(f"{tracker}: holds {text[:40]!r}, neither an iteration nor `release`")
-    return iteration_dir(src, int(text))
+    return path
 
 
 def legacy_ranks(path: Path) -> Dict[Tuple[int, int], Path]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from pipeline.errors import ConversionError
+
 COMPLETE = "PIPELINE_COMPLETE.json"
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name: the newest complete iteration
 
@@ -27,6 +29,20 @@ def complete_checkpoints(ckpts: Path) -> List[Path]:
 
 def iteration_dir(ckpt_root: Path, iteration: int) -> Path:
     return ckpt_root / f"iter_{iteration:07d}"
+
+
+def tracked_dir(ckpt_root: Path) -> Optional[Path]:
+    """The checkpoint a Megatron checkpoints dir's tracker names: iter_<N>/, or release/ (Megatron-LM's
+    released checkpoints); None without a tracker."""
+    tracker = ckpt_root / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if text == "release":
+        return ckpt_root / "release"
+    if not text.isdigit():
+        raise ConversionError(f"{tracker}: holds {text[:40]!r}, neither an iteration nor `release`")
+    return iteration_dir(ckpt_root, int(text))
 
 
 def latest_iteration(ckpt_root: Path) -> Optional[int]:

@@ -105,14 +105,21 @@ def test_our_legacy_tp2_pp2_local_loads_strictly_in_megatron_core(written):
 def test_megatron_lm_legacy_to_torch_dist_is_what_train_init_reads(written, tmp_path):
     """The megatron backend's train.init reads torch_dist only (a legacy dir is refused by its check):
     Megatron-LM's legacy files convert to torch_dist, which that check reads, holding the same model."""
-    from pipeline.errors import ConfigError
+    import shutil
+
+    from pipeline.errors import PipelineError
+    from pipeline.formats.checkpoints import TRACKER
     from pipeline.train.stage import megatron_init_args
 
-    with pytest.raises(ConfigError, match="train.init"):
+    with pytest.raises(PipelineError, match="legacy .* format=torch_dist, then train.init"):
         megatron_init_args(str(written / "out" / "legacy_tp2" / "ckpt"))
     src = written / "out" / "legacy_pp2_vpp2" / "ckpt"
     assert cli("convert", f"src={src}", f"dst={tmp_path / 'td'}", "to=megatron", "format=torch_dist") == 0
     assert megatron_init_args(str(tmp_path / "td"))["model"]["num_layers"] == 4
+    released = shutil.copytree(tmp_path / "td", tmp_path / "released")  # Megatron-LM's `release` tracker
+    (released / "iter_0000001").rename(released / "release")
+    (released / TRACKER).write_text("release")
+    assert megatron_init_args(str(released))["model"]["num_layers"] == 4
     assert cli("convert", f"src={tmp_path / 'td'}", f"dst={tmp_path / 'hf'}", "to=hf") == 0
     tokens = torch.load(written / "tokens.pt")
     reference = torch.load(written / "out" / "legacy_pp2_vpp2" / "logits.pt")

@@ -100,3 +100,12 @@ def test_the_checker_sees_a_violation_and_a_cycle(tmp_path):
     found = imports(fake, "pipeline.data.mix", {"pipeline.cli", "pipeline.data.sources", "pipeline.data.mix"})
     assert found == {"pipeline.cli", "pipeline.data.sources"}
     assert layer_of("pipeline.cli") > layer_of("pipeline.data.mix")
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by basename (rootdir-relative, no packages): a second test_x.py in
+    another tier stops the whole collection."""
+    import collections
+
+    names = collections.Counter(p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py"))
+    assert [n for n, count in names.items() if count > 1] == []

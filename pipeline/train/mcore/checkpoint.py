@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline import safeload
+from pipeline.errors import ConversionError
 from pipeline.formats import megatron_args
-from pipeline.formats.checkpoints import TRACKER, iteration_dir, latest_iteration
+from pipeline.formats.checkpoints import TRACKER, iteration_dir, latest_iteration, tracked_dir
 from pipeline.train.checkpoints import check_identity, remove_half_written, stale
 from pipeline.train.job import TrainJob
 
@@ -58,10 +59,14 @@ def sharded_state(model, optimizer, scheduler, progress: Dict[str, Any], with_rn
 def read_checkpoint_args(ckpt_root: Path) -> Dict[str, Any]:
     """The `args` a checkpoint of this backend stores (model, vocab sizes), from its newest iteration, as
     our dict (stored in Megatron-LM's Namespace since it has been, a plain dict before)."""
-    latest = latest_iteration(ckpt_root)
-    if latest is None:
+    tracked = tracked_dir(ckpt_root)
+    if tracked is None:
         raise FileNotFoundError(f"no {TRACKER} in {ckpt_root}")
-    path = iteration_dir(ckpt_root, latest) / safeload.COMMON_FILE
+    path = tracked / safeload.COMMON_FILE
+    if not path.is_file() and any(tracked.glob("mp_rank_*")):
+        raise ConversionError(f"{tracked}: a legacy (mp_rank_*) checkpoint; the megatron backend starts from "
+                              f"torch_dist: pipeline convert src={ckpt_root} dst=<dir> to=megatron "
+                              f"format=torch_dist, then train.init=<dir>")
     return megatron_args.our_args(safeload.safe_torch_load(path)["args"], str(path))
 
 
@@ -206,5 +211,5 @@ def resume(job: TrainJob, ckpt_root: Path, model, optimizer, scheduler,
         return common["iteration"], path.name
     if job.init:  # continued pretraining from a Megatron checkpoint: weights only
         init = Path(job.init)
-        load_checkpoint(iteration_dir(init, latest_iteration(init)), model, None, None, layout)
+        load_checkpoint(tracked_dir(init), model, None, None, layout)
     return 0, None
