@@ -22,9 +22,10 @@ from typing import Any, Dict, List
 
 from pipeline.config import layout_problem
 from pipeline.errors import ConfigError, StageError
+from pipeline.formats.checkpoints import legacy_rank_files
 from pipeline.models.hf_config import CONFIG_FIELDS
 from pipeline.runner import CHECKPOINTS, HF_MODEL, MEGATRON_MODEL, StageContext
-from pipeline.train.stage import is_hf_checkpoint
+from pipeline.train.stage import is_hf_checkpoint, needs_import
 
 
 def pipeline_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,22 +55,38 @@ def verify(hf_dir: Path, megatron_dir: Path, tolerance: float, report_path: Path
 
 
 def import_needed(cfg) -> bool:
-    return cfg.train.backend == "megatron" and bool(cfg.train.init) and is_hf_checkpoint(cfg.train.init)
+    return cfg.train.backend == "megatron" and bool(cfg.train.init) and needs_import(cfg.train.init)
 
 
 def import_inputs(cfg) -> List[str]:
-    """The HF init's files, so that a changed init checkpoint is imported again."""
-    return sorted(str(p) for p in Path(cfg.train.init).iterdir() if p.is_file()) if import_needed(cfg) else []
+    """The init's files (an HF dir's, or a legacy checkpoint's rank files), so that a changed init
+    checkpoint is imported again."""
+    if not import_needed(cfg):
+        return []
+    init = Path(cfg.train.init)
+    return sorted(str(p) for p in (init.iterdir() if is_hf_checkpoint(str(init)) else legacy_rank_files(init))
+                  if p.is_file())
 
 
 def run_import(ctx: StageContext) -> Dict[str, Any]:
     """An HF train.init as a Megatron torch_dist checkpoint, padded for the training TP (the train stage
-    checks the padding), then checked by logits. Nothing to do for the HF backend or a Megatron init."""
+    checks the padding), or a legacy Megatron one (Megatron-LM's, or ours with format=torch) as torch_dist
+    with its padding; then checked by logits. Nothing to do for the HF backend or a torch_dist init."""
     if not import_needed(ctx.cfg):
         return {"imported": False}
     t, out = ctx.cfg.train, ctx.work_dir / MEGATRON_MODEL
-    convert(f"src={t.init}", f"dst={out}", "to=megatron", f"tp={t.parallel.tp}",
-            f"make_vocab_size_divisible_by={t.make_vocab_size_divisible_by}")
+    if is_hf_checkpoint(t.init):
+        convert(f"src={t.init}", f"dst={out}", "to=megatron", f"tp={t.parallel.tp}",
+                f"make_vocab_size_divisible_by={t.make_vocab_size_divisible_by}")
+    else:  # a relayout, no cast: checked tensor by tensor, bit for bit (verify loads legacy files at pp 1 only)
+        convert(f"src={t.init}", f"dst={out}", "to=megatron", "format=torch_dist")
+        from pipeline.convert.verify import tensor_differences
+
+        found = tensor_differences(Path(t.init), out, ("megatron", "megatron"))
+        if found is None or found["differ"]:
+            raise StageError(f"{out} does not hold the tensors of train.init {t.init}: "
+                             f"{found['differ'][:3] if found else 'other names or shapes'}")
+        return {"imported": True, "verify": {"tensors": found["tensors"], "identical": True, "max_abs_diff": 0.0}}
     return {"imported": True, "verify": verify(Path(t.init), out, ctx.cfg.export.tolerance,
                                                  ctx.work_dir / "verify.json")}
 

@@ -31,6 +31,15 @@ def iteration_dir(ckpt_root: Path, iteration: int) -> Path:
     return ckpt_root / f"iter_{iteration:07d}"
 
 
+LEGACY_RANKS = "mp_rank_*/model_optim_rng.pt"  # Megatron-LM's legacy torch format: one file per TP/PP rank
+
+
+def legacy_rank_files(ckpt_root: Path) -> List[Path]:
+    """The rank files of the checkpoint a tracker names, if it is in the legacy format; [] otherwise."""
+    tracked = tracked_dir(ckpt_root) if (ckpt_root / TRACKER).is_file() else None
+    return sorted(tracked.glob(LEGACY_RANKS)) if tracked is not None and tracked.is_dir() else []
+
+
 def tracked_dir(ckpt_root: Path) -> Optional[Path]:
     """The checkpoint a Megatron checkpoints dir's tracker names: iter_<N>/, or release/ (Megatron-LM's
     released checkpoints); None without a tracker."""

@@ -28,7 +28,7 @@ from pipeline.data.mix import SOURCE_IDS, valid_sources
 from pipeline.data.tokenizer import tokenizer_info
 from pipeline.errors import ConfigError, StageError
 from pipeline.files import canonical_json
-from pipeline.formats.checkpoints import complete_checkpoints
+from pipeline.formats.checkpoints import complete_checkpoints, legacy_rank_files
 from pipeline.formats.indexed import IndexedReader, check_training_data, token_dtype
 from pipeline.models import check_model
 from pipeline.runner import (
@@ -163,6 +163,12 @@ def is_hf_checkpoint(path: str) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
+def needs_import(init: str) -> bool:
+    """A megatron-backend train.init the import stage converts first: an HF dir, or a legacy Megatron
+    checkpoint (megatron-core's loader reads torch_dist only)."""
+    return is_hf_checkpoint(init) or bool(legacy_rank_files(Path(init)))
+
+
 def megatron_init_args(path: str) -> Dict[str, Any]:
     """The args stored in a Megatron init checkpoint (train.init), read without starting any process."""
     from pipeline.train.mcore.checkpoint import read_checkpoint_args  # torch: deferred
@@ -198,14 +204,15 @@ def megatron_job(cfg, data: Dict[str, int], vocab_size: int) -> Dict[str, Any]:
     padded = padded_vocab_size(vocab_size, t.make_vocab_size_divisible_by, t.parallel.tp)
     model = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
     init = t.init
-    if init and is_hf_checkpoint(init):  # the import stage converted it at this run's padding, checked by logits
+    if init and needs_import(init):  # the import stage converted it (to this run's padding), checked by logits
         init = str(data["import_dir"] / MEGATRON_MODEL)
     if init:  # continued pretraining: the model is the init's (as with the HF backend), not model.*
         stored = megatron_init_args(init)
         model = stored["model"]
         if stored["padded_vocab_size"] != padded:
-            fix = ("import it again for this TP (pipeline run --force import)" if init != t.init
-                   else "convert it for this TP (pipeline convert ... tp=N)")
+            fix = ("import it again for this TP (pipeline run --force import)" if is_hf_checkpoint(t.init)
+                   else "convert it for this TP from HF (pipeline convert ... tp=N), or train at the TP it "
+                        "was padded for")
             raise ConfigError(f"train.init: {init} has a {stored['padded_vocab_size']}-row embedding, this run pads "
                               f"{vocab_size} to {padded} (make_vocab_size_divisible_by "
                               f"{t.make_vocab_size_divisible_by} x tp {t.parallel.tp}); {fix}, or set "

@@ -47,17 +47,24 @@ torch.save({k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels"
 """
 
 
-def test_continued_pretraining_hf_init_megatron_tp2_then_export(corpus, base_run, tmp_path):
+@pytest.mark.parametrize("init_format", ["hf", "legacy_tp2_pp2_local"])
+def test_continued_pretraining_hf_init_megatron_tp2_then_export(corpus, base_run, tmp_path, init_format):
     """HF tiny Llama -> import (torch_dist, checked by logits) -> megatron training at TP=2 -> export to HF.
     The first step's loss is the HF model's loss on the same global batch, and with a vanishing lr the
-    exported model is the init."""
+    exported model is the init. The same from that model as a legacy TP2 PP2 checkpoint with local norm
+    names (`pipeline convert ... format=torch transformer_impl=local`), which the import stage turns
+    into torch_dist."""
     import subprocess
     import sys
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-    init = tiny_hf("llama", tmp_path / "init", vocab_size=1024)
+    hf_init = init = tiny_hf("llama", tmp_path / "init", vocab_size=1024)
+    if init_format != "hf":
+        init = tmp_path / "legacy"
+        assert cli_subprocess("convert", f"src={hf_init}", f"dst={init}", "to=megatron", "tp=2", "pp=2",
+                              "format=torch", "transformer_impl=local").returncode == 0
     run_dir = copy_data_stages(base_run, tmp_path / "run")
     result = cli_subprocess("run", *fast_overrides(corpus, run_dir, "experiment=tiny_cpu_megatron",
                                                    "train.tracker=none", f"train.init={init}", "train.max_steps=2",
@@ -82,7 +89,7 @@ def test_continued_pretraining_hf_init_megatron_tp2_then_export(corpus, base_run
     subprocess.run([sys.executable, "-c", FIRST_BATCH, str(run_dir / "train" / "job.json"), str(tmp_path / "cache"),
                     str(batch)], check=True, capture_output=True)
     batch = torch.load(batch)
-    model = AutoModelForCausalLM.from_pretrained(init).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_init).eval()
     with torch.no_grad():
         # train.document_mask: the HF backend's packed-document path (position ids reset at each EOD)
         logits = model(batch["tokens"], position_ids=batch["position_ids"], use_cache=False).logits

@@ -20,9 +20,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline import safeload
-from pipeline.errors import ConversionError
 from pipeline.formats import megatron_args
-from pipeline.formats.checkpoints import TRACKER, iteration_dir, latest_iteration, tracked_dir
+from pipeline.formats.checkpoints import TRACKER, iteration_dir, latest_iteration, legacy_rank_files, tracked_dir
 from pipeline.train.checkpoints import check_identity, remove_half_written, stale
 from pipeline.train.job import TrainJob
 
@@ -63,10 +62,10 @@ def read_checkpoint_args(ckpt_root: Path) -> Dict[str, Any]:
     if tracked is None:
         raise FileNotFoundError(f"no {TRACKER} in {ckpt_root}")
     path = tracked / safeload.COMMON_FILE
-    if not path.is_file() and any(tracked.glob("mp_rank_*")):
-        raise ConversionError(f"{tracked}: a legacy (mp_rank_*) checkpoint; the megatron backend starts from "
-                              f"torch_dist: pipeline convert src={ckpt_root} dst=<dir> to=megatron "
-                              f"format=torch_dist, then train.init=<dir>")
+    legacy = legacy_rank_files(ckpt_root)
+    if not path.is_file() and legacy:  # every rank file holds the args: the first one's, its tensors mmapped
+        path = legacy[0]
+        return megatron_args.our_args(safeload.safe_torch_load(path, mmap=True)["args"], str(path))
     return megatron_args.our_args(safeload.safe_torch_load(path)["args"], str(path))
 
 
