@@ -157,7 +157,7 @@ def main() -> None:
                   f"{r.get('top1_agreement', float('nan')):.3f}, {'passed' if r['passed'] else 'FAILED'}")
     rates = {b: json.loads((run / "train" / "train_summary.json").read_text())["tokens_per_second"]
              for b, run in runs.items()}
-    print(f"ratio: megatron/hf tokens/s = {rates['megatron'] / rates['hf']:.2f}x")
+    print(f"ratio: megatron tokens/s = {rates['megatron'] / rates['hf']:.2f}x the hf backend's (same model, batch)")
     failed = [name for name, ok in verdicts.items() if not ok]
     print("gpu_check: " + ("all checks passed" if not failed else f"FAILED: {', '.join(failed)}"))
     sys.exit(1 if failed else 0)

@@ -18,6 +18,7 @@ BENCHES = {
     "train_hf": ("train_hf.py", True),
     "train_megatron": ("train_megatron.py", True),
     "convert": ("convert.py", True),
+    "gpu_check": ("gpu_check.py", True),  # its --smoke: the GPU check's steps on the CPU, a 2-layer model
 }
 
 
