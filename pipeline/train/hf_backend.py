@@ -19,7 +19,7 @@ from pipeline import safeload
 from pipeline.data.tokenizer import copy_tokenizer
 from pipeline.formats.checkpoints import COMPLETE
 from pipeline.models.hf_config import model_config
-from pipeline.runner import CHECKPOINTS, HF_MODEL, SAMPLES, SUMMARY
+from pipeline.runner import CHECKPOINTS, HF_MODEL, SUMMARY
 from pipeline.train import tracking
 from pipeline.train.blocks import BlockDataset
 from pipeline.train.checkpoints import check_identity, remove_half_written, resolve_precision
@@ -183,26 +183,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, samples: int 
     return rows
 
 
-def log_texts(run, tracker: str, rows: list, step: int) -> None:
-    """Generated samples to the tracker's run, as text (tracking.RunLog logs floats only)."""
-    texts = {f"samples/{i}": row["prompt"] + row["text"] for i, row in enumerate(rows)}
-    if run is None:
-        return
-    if hasattr(run, "add_text"):  # tensorboard
-        for key, text in texts.items():
-            run.add_text(key, text, step)
-    elif tracker == "swanlab":
-        import swanlab
-
-        run.log({key: swanlab.Text(text) for key, text in texts.items()}, step=step)
-    elif tracker == "wandb":
-        import wandb
-
-        run.log({"samples": wandb.Table(columns=["prompt", "text"], data=[[r["prompt"], r["text"]] for r in rows])},
-                step=step)
-
-
-def samples_callback(job: TrainJob, runlog=None):
+def samples_callback(job: TrainJob, runlog: tracking.RunLog):
     """At each evaluation: greedy continuations of train.sample_prompts, appended by rank 0 to
     <train>/samples.jsonl (with the step) and logged to the tracker as text (runlog: tracking.RunLog)."""
     import torch.distributed as dist
@@ -216,11 +197,7 @@ def samples_callback(job: TrainJob, runlog=None):
             if not (synced or state.is_world_process_zero):
                 return
             rows = generate(model, tokenizer, job.train.sample_prompts, job.train.sample_tokens, synced=synced)
-            if not state.is_world_process_zero:
-                return
-            with open(job.out / SAMPLES, "a") as f:
-                f.writelines(json.dumps({"step": state.global_step, **row}) + "\n" for row in rows)
-            log_texts(getattr(runlog, "run", None), job.train.tracker, rows, state.global_step)
+            runlog.samples(state.global_step, rows)  # rank 0's RunLog writes them
 
     return SamplesCallback()
 

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from pipeline.runner import STEP_LOG, SWANLOG
+from pipeline.runner import SAMPLES, STEP_LOG, SWANLOG
 from pipeline.train.job import TrainJob
 
 # (category, the message's start, why it is noise): each silenced by exactly that message
@@ -261,6 +261,27 @@ class RunLog:
             self.bar.write(f"step {step}: eval_loss {row['eval_loss']:.4g}" + (f" ({sources})" if sources else ""),
                            file=sys.stderr)
         return row
+
+    def samples(self, step: int, rows: list) -> None:
+        """Generated samples (rows {prompt, sample, text}), for both backends: appended to <train>/samples.jsonl
+        with the step, and to the tracker as text (its charts take floats only)."""
+        if not self.active:
+            return
+        with open(self.job.out / SAMPLES, "a") as f:
+            f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+        texts = {f"samples/{i}": row["prompt"] + row["text"] for i, row in enumerate(rows)}
+        if hasattr(self.run, "add_text"):  # tensorboard
+            for key, text in texts.items():
+                self.run.add_text(key, text, step)
+        elif self.job.train.tracker == "swanlab" and self.run is not None:
+            import swanlab
+
+            self.run.log({key: swanlab.Text(text) for key, text in texts.items()}, step=step)
+        elif self.job.train.tracker == "wandb" and self.run is not None:
+            import wandb
+
+            self.run.log({"samples": wandb.Table(columns=["prompt", "text"],
+                                                 data=[[r["prompt"], r["text"]] for r in rows])}, step=step)
 
     def _write(self, step: int, row: Dict[str, float]) -> None:
         if not self.active:
