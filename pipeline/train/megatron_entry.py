@@ -26,6 +26,7 @@ from pipeline.train.checkpoints import resolve_precision
 from pipeline.train.job import TrainJob
 from pipeline.train.mcore import checkpoint, cpu, data, step
 from pipeline.train.mcore import model as models
+from pipeline.train.mcore.generate import Sampler
 from pipeline.train.per_source import sources_summary
 from pipeline.train.throughput import Meter
 
@@ -71,6 +72,9 @@ def main(job_path: str) -> None:
     runlog = tracking.RunLog(job, active=dist.get_rank() == 0)
     runlog.start(total_steps, iteration)
     meter = Meter(job.model, job.padded_vocab_size, t.seq_len, dist.get_world_size(), t.peak_tflops)
+    sampler = Sampler(job)
+    if sampler.skip and t.sample_prompts and dist.get_rank() == 0:
+        print(f"train.sample_prompts: no samples at pp={par.pp} vpp={par.vpp}; generating needs pp=1", flush=True)
 
     eval_loss, metrics, loss_sum, trained = None, {}, 0.0, 0
     for c in model:
@@ -90,6 +94,9 @@ def main(job_path: str) -> None:
             metrics = step.evaluate(model, valid_batches, valid_steps, num_micro, job)
             eval_loss = metrics["eval_loss"]
             runlog.eval(iteration, metrics)
+            rows = sampler.rows(model)
+            if rows is not None:
+                runlog.samples(iteration, rows)
         if iteration % job.save_every_steps == 0 or iteration == total_steps:
             progress = {"iteration": iteration, "layout": layout, "args": job.checkpoint_args, **job.identity}
             checkpoint.save_checkpoint(ckpt_root, model, optimizer, scheduler, progress, t.keep_checkpoints)

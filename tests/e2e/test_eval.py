@@ -3,6 +3,7 @@ mean of the sources'), `pipeline eval` giving the train stage's eval_loss, `pipe
 written at each evaluation during training."""
 import json
 import math
+from collections import Counter
 
 import pytest
 
@@ -102,11 +103,26 @@ def test_greedy_samples_need_one_sample(hf_run, capsys):
     assert "give temperature= > 0" in capsys.readouterr().err
 
 
-def test_samples_are_written_at_each_evaluation(hf_run):
-    rows = [json.loads(line) for line in (hf_run / "train" / "samples.jsonl").read_text().splitlines()]
-    evaluated = sorted({r["step"] for r in eval_rows(hf_run)})
-    assert sorted({r["step"] for r in rows}) == evaluated
-    assert {r["prompt"] for r in rows} == {"The", "def "}  # train.sample_prompts' default
-    assert all(r["text"] for r in rows)
-    manifest = json.loads((hf_run / "train" / "MANIFEST.json").read_text())
+@pytest.mark.parametrize("backend", ["hf_run", "megatron_run"])
+def test_samples_are_written_at_each_evaluation(backend, request):
+    run_dir = request.getfixturevalue(backend)
+    rows = [json.loads(line) for line in (run_dir / "train" / "samples.jsonl").read_text().splitlines()]
+    evaluations = Counter(r["step"] for r in eval_rows(run_dir))  # hf evaluates the last step twice (best model)
+    # one row per prompt (train.sample_prompts' default) and evaluation; greedy: the same text each time
+    assert Counter((r["step"], r["prompt"]) for r in rows) == {(s, p): n for s, n in evaluations.items()
+                                                               for p in ("The", "def ")}
+    assert len({(r["step"], r["prompt"], r["text"]) for r in rows}) == 2 * len(evaluations)
+    assert all(r["text"] and r["sample"] == 0 for r in rows)
+    manifest = json.loads((run_dir / "train" / "MANIFEST.json").read_text())
     assert "samples.jsonl" in manifest["unpinned"]
+
+
+def test_megatron_samples_are_the_greedy_continuations_of_its_checkpoint(megatron_run, capsys):
+    """The decode loop (positions, causal mask, TP gather, vocab cut) against HF's generate on the converted
+    checkpoint of the evaluated step."""
+    row = next(json.loads(line) for line in (megatron_run / "train" / "samples.jsonl").read_text().splitlines()
+               if json.loads(line)["prompt"] == "def ")
+    ckpt = megatron_run / "train" / "checkpoints"  # its latest is the evaluated step
+    assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) == row["step"]
+    assert cli("generate", f"ckpt={ckpt}", "prompt=def ", "max_new_tokens=16") == 0  # train.sample_tokens
+    assert capsys.readouterr().out.endswith(f"--- sample 0\ndef {row['text']}\n")
