@@ -103,16 +103,16 @@ def test_our_legacy_tp2_pp2_local_loads_strictly_in_megatron_core(written):
 
 
 def test_megatron_lm_legacy_to_torch_dist_is_what_train_init_reads(written, tmp_path):
-    """The megatron backend's train.init reads torch_dist only (a legacy dir is refused by its check):
-    Megatron-LM's legacy files convert to torch_dist, which that check reads, holding the same model."""
+    """The megatron backend's train.init: a legacy dir goes through the import stage (its args are read
+    from a rank file); Megatron-LM's legacy files convert to torch_dist holding the same model, which
+    train.init reads directly, also under a `release` tracker."""
     import shutil
 
-    from pipeline.errors import PipelineError
     from pipeline.formats.checkpoints import TRACKER
-    from pipeline.train.stage import megatron_init_args
+    from pipeline.train.stage import megatron_init_args, needs_import
 
-    with pytest.raises(PipelineError, match="legacy .* format=torch_dist, then train.init"):
-        megatron_init_args(str(written / "out" / "legacy_tp2" / "ckpt"))
+    legacy = written / "out" / "legacy_tp2" / "ckpt"  # its args read from a rank file; the import stage converts it
+    assert megatron_init_args(str(legacy))["model"]["family"] == "llama" and needs_import(str(legacy))
     src = written / "out" / "legacy_pp2_vpp2" / "ckpt"
     assert cli("convert", f"src={src}", f"dst={tmp_path / 'td'}", "to=megatron", "format=torch_dist") == 0
     assert megatron_init_args(str(tmp_path / "td"))["model"]["num_layers"] == 4
