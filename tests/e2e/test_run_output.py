@@ -32,6 +32,9 @@ def pty_run(args, interrupt_when=None, timeout=900):
     Returns the exit code and everything the terminal showed."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C reaches it as a terminal's does
+        # as from a shell's prompt: a test run started in the background (`make test &`) ignores SIGINT,
+        # and an ignored SIGINT is inherited, so Python would install no KeyboardInterrupt handler
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execve(sys.executable, [sys.executable, "-m", "pipeline.cli", *args],
                   {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "LINES": "50"})
     import fcntl
