@@ -31,7 +31,7 @@ pretrain: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench
 
-# everything, as CI runs it (~20 min on 2 cores)
+# everything, as CI runs it (~27 min on 2 cores)
 test: lint
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
