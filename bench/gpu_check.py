@@ -30,6 +30,7 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -132,16 +133,15 @@ def main() -> None:
     spread = init_loss_spread(init, data / "mix" / "train", seq_len)
     for backend, run in runs.items():
         if not (run / "mix").exists():  # the same data stages: copied, so each run skips them
-            subprocess.run(["cp", "-r", str(data), str(run)], check=True)
+            shutil.copytree(data, run)
         extra = (["train.zero_stage=0"] if backend == "hf" else
                  ["experiment=tiny_cpu_megatron", "train.parallel.tp=1", "export.tolerance=0.05" if cuda else
                   "export.tolerance=1e-4"])
         pipeline("run", f"run_dir={run}", *extra, *base, f"train.backend={backend}", f"train.init={init}")
     print("\n| backend | tokens/s | TFLOP/s per GPU | MFU | first loss |\n|---|---:|---:|---:|---:|")
-    losses = {}
-    for backend, run in runs.items():
-        s = json.loads((run / "train" / "train_summary.json").read_text())
-        losses[backend] = first_loss(run)
+    summaries = {b: json.loads((run / "train" / "train_summary.json").read_text()) for b, run in runs.items()}
+    losses = {b: first_loss(run) for b, run in runs.items()}
+    for backend, s in summaries.items():
         mfu = f"{s['mfu']:.1%}" if s.get("mfu") is not None else "n/a (no peak)"
         print(f"| {backend} | {s['tokens_per_second']:,.0f} | {s['tflops_per_device']:.1f} | {mfu} | "
               f"{losses[backend]:.4f} |")
@@ -155,9 +155,8 @@ def main() -> None:
             verdicts[f"{stage} {report.stem}"] = bool(r["passed"])
             print(f"{stage}/{report.name}: max |logit diff| {r['max_abs_diff']:.3g}, top-1 "
                   f"{r.get('top1_agreement', float('nan')):.3f}, {'passed' if r['passed'] else 'FAILED'}")
-    rates = {b: json.loads((run / "train" / "train_summary.json").read_text())["tokens_per_second"]
-             for b, run in runs.items()}
-    print(f"ratio: megatron tokens/s = {rates['megatron'] / rates['hf']:.2f}x the hf backend's (same model, batch)")
+    rate = summaries["megatron"]["tokens_per_second"] / summaries["hf"]["tokens_per_second"]
+    print(f"ratio: megatron tokens/s = {rate:.2f}x the hf backend's (same model, batch)")
     failed = [name for name, ok in verdicts.items() if not ok]
     print("gpu_check: " + ("all checks passed" if not failed else f"FAILED: {', '.join(failed)}"))
     sys.exit(1 if failed else 0)
