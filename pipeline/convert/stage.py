@@ -71,7 +71,8 @@ def import_inputs(cfg) -> List[str]:
 def run_import(ctx: StageContext) -> Dict[str, Any]:
     """An HF train.init as a Megatron torch_dist checkpoint, padded for the training TP (the train stage
     checks the padding), or a legacy Megatron one (Megatron-LM's, or ours with format=torch) as torch_dist
-    with its padding; then checked by logits. Nothing to do for the HF backend or a torch_dist init."""
+    with its padding; then checked (an HF one by logits, a legacy one tensor by tensor). Nothing to do for
+    the HF backend or a torch_dist init."""
     if not import_needed(ctx.cfg):
         return {"imported": False}
     t, out = ctx.cfg.train, ctx.work_dir / MEGATRON_MODEL
